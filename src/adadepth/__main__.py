@@ -1,0 +1,5 @@
+import sys
+
+from adadepth.cli import main
+
+sys.exit(main())

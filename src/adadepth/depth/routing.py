@@ -1,0 +1,284 @@
+"""Conditional depth routing: per token, a controlled layer runs its full FFN or a cheap one.
+
+`RoutedFFN` replaces the backbone's FFN at a controlled layer. It scores every token with a gate,
+decides full or cheap under the full-path budget b, and computes only what it decided:
+
+- decisions: top-k per sequence (k = ceil(b*T), training), or causal thresholds calibrated on
+  held-out data (inference and decoding), read from the gate score or from a small predictor
+  trained to imitate top-k membership;
+- dispatch: `sparse` gathers the full-path tokens into a packed tensor, runs the full FFN on
+  them alone and the cheap FFN on the rest, and scatters back; `dense` runs both paths on every
+  token and mixes (needed by the straight-through estimator, kept for comparison);
+- the gate's gradient through the hard decision: straight-through (forward m, backward
+  sigma(s)), or the ratio estimator that scales each executed path by sigma/sg(sigma) or
+  (1-sigma)/sg(1-sigma), which needs only the executed path.
+
+`RoutedModel` installs RoutedFFNs into any backbone with the layer-stack interface
+(`prepare` / `run_layer` / `head` / `get_ffn` / `set_ffn`), ours or a Hugging Face adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from adadepth import flops as fl
+from adadepth.config import RoutingConfig
+from adadepth.depth import cheap as _cheap  # noqa: F401  (registers the cheap paths)
+from adadepth.depth.gates import Gate
+from adadepth.depth.registry import build
+from adadepth.errors import UserError
+from adadepth.model import Output
+
+Decision = Literal["auto", "topk", "causal", "calibrate"]
+
+
+@dataclass
+class RouteRecord:
+    """What one routed forward decided, for the auxiliary losses and the metrics."""
+
+    score: Tensor  # (B, T) gate scores, with gradient when the gate trains
+    mask: Tensor  # (B, T) bool, True = full path
+    outcome: Tensor | None  # (B, T, d) executed FFN output, when kept for the JEPA loss
+    u: Tensor | None  # (B, T, d) normalised input, when kept for the causal predictor
+
+
+def topk_mask(score: Tensor, budget: float) -> Tensor:
+    """Exactly k = ceil(b*T) full tokens in every sequence."""
+    T = score.shape[-1]
+    k = min(T, math.ceil(budget * T))
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter(-1, score.topk(k, dim=-1).indices, True)
+
+
+class RoutedFFN(nn.Module):
+    def __init__(self, full: nn.Module, cheap: nn.Module, gate: Gate, budget: float,
+                 estimator: str = "straight_through", dispatch: str = "auto",
+                 predictor: nn.Module | None = None) -> None:
+        super().__init__()
+        self.full, self.cheap, self.gate = full, cheap, gate
+        self.budget, self.estimator, self.dispatch = budget, estimator, dispatch
+        self.predictor = predictor  # causal imitation of top-k; None = threshold the score
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.decision: Decision = "auto"
+        self.force: bool | None = None  # oracle counterfactuals: every token full / cheap
+        self.keep_outcome = False
+        self.record: RouteRecord | None = None
+
+    # -- deciding ---------------------------------------------------------------------------
+    def causal_score(self, u: Tensor, score: Tensor) -> Tensor:
+        return score if self.predictor is None else self.predictor(u.detach()).squeeze(-1)
+
+    def decide(self, u: Tensor, score: Tensor) -> Tensor:
+        if self.force is not None or self.gate.fixed is not None:
+            full = self.gate.fixed if self.force is None else self.force
+            return torch.full(score.shape, bool(full), dtype=torch.bool, device=score.device)
+        decision = self.decision
+        if decision == "auto":
+            decision = "topk" if self.training else "causal"
+        if decision == "topk":
+            return topk_mask(score.detach(), self.budget)
+        causal = self.causal_score(u, score).detach()
+        if decision == "calibrate":
+            # The (1-b) quantile of this layer's scores, given the thresholds already set below.
+            q = torch.quantile(causal.float().flatten(), 1 - self.budget)
+            self.threshold.fill_(q.item())
+        elif torch.isnan(self.threshold):
+            raise UserError("causal routing needs calibrated thresholds; run calibrate() first")
+        return causal > self.threshold
+
+    # -- computing ----------------------------------------------------------------------------
+    def use_sparse(self, needs_gate_grad: bool) -> bool:
+        if self.dispatch != "auto":
+            return self.dispatch == "sparse"
+        return not (needs_gate_grad and self.estimator == "straight_through")
+
+    def forward(self, u: Tensor) -> Tensor:
+        score = self.gate(u)
+        mask = self.decide(u, score)
+        grad = torch.is_grad_enabled() and score.requires_grad and self.force is None
+        if self.use_sparse(grad):
+            out = self._sparse(u, mask, score if grad else None)
+        else:
+            out = self._dense(u, mask, score if grad else None)
+        self.record = RouteRecord(score=score, mask=mask,
+                                  outcome=out if self.keep_outcome else None,
+                                  u=u if self.predictor is not None else None)
+        return out
+
+    def _dense(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
+        m = mask.unsqueeze(-1).to(u.dtype)
+        full, cheap = self.full(u), self.cheap(u)
+        if score is None:
+            return m * full + (1 - m) * cheap
+        p = torch.sigmoid(score).unsqueeze(-1).to(u.dtype)
+        if self.estimator == "straight_through":
+            m = m + p - p.detach()
+            return cheap + m * (full - cheap)
+        return m * full * (p / p.detach()) + (1 - m) * cheap * ((1 - p) / (1 - p).detach())
+
+    def _sparse(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
+        if self.estimator == "straight_through" and score is not None:
+            raise UserError("the straight-through estimator needs dispatch: dense")
+        d = u.shape[-1]
+        flat, m = u.reshape(-1, d), mask.reshape(-1)
+        full_idx, cheap_idx = m.nonzero().squeeze(1), (~m).nonzero().squeeze(1)
+        full_out = self.full(flat.index_select(0, full_idx))
+        out = torch.zeros_like(flat).index_copy(0, full_idx, full_out.to(flat.dtype))
+        if not getattr(self.cheap, "is_skip", False):
+            cheap_out = self.cheap(flat.index_select(0, cheap_idx))
+            out = out.index_copy(0, cheap_idx, cheap_out.to(flat.dtype))
+        if score is not None:  # ratio estimator: value unchanged, gradient sigma'/sigma to s
+            p = torch.sigmoid(score.reshape(-1)).to(u.dtype)
+            ratio = torch.where(m, p / p.detach(), (1 - p) / (1 - p).detach())
+            out = out * ratio.unsqueeze(-1)
+        return out.view_as(u)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    return list(range(1, n_layers - 1))
+
+
+class RoutedModel(nn.Module):
+    """A backbone whose controlled layers route each token to a full or a cheap FFN."""
+
+    def __init__(self, backbone: nn.Module, cfg: RoutingConfig) -> None:
+        super().__init__()
+        self.backbone, self.rcfg = backbone, cfg
+        n = backbone.n_layers
+        self.layers = list(cfg.layers) if cfg.layers is not None else default_layers(n)
+        if not self.layers:
+            raise UserError(f"no controlled layer: the backbone has {n} layers; "
+                            "set routing.layers explicitly")
+        if any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise UserError(f"controlled layers {self.layers} must be distinct, in 0..{n - 1}")
+        if "jepa" in cfg.aux and not build("gate", cfg.gate, d_model=8).has_predictor:
+            raise UserError(f"gate {cfg.gate!r} has no predictor to take the jepa loss")
+        if cfg.estimator == "straight_through" and cfg.dispatch == "sparse":
+            raise UserError("the straight-through estimator needs dispatch dense (or auto); "
+                            "use estimator=ratio for sparse training")
+        d, d_ff = backbone.cfg.d_model, backbone.cfg.d_ff
+        static_full = self._static_full_layers() if cfg.gate == "static" else set()
+        self.routers = nn.ModuleList()
+        for i in self.layers:
+            if cfg.gate == "static":
+                gate = build("gate", "all-full" if i in static_full else "all-cheap")
+            else:
+                gate = build("gate", cfg.gate, d_model=d, d_z=cfg.d_z, hidden=cfg.gate_hidden)
+            predictor = nn.Linear(d, 1) if cfg.inference == "predictor" else None
+            router = RoutedFFN(backbone.get_ffn(i), build("cheap", cfg.cheap, d_model=d,
+                                                          d_ff=d_ff, rank=cfg.rank),
+                               gate, cfg.budget, cfg.estimator, cfg.dispatch, predictor)
+            router.keep_outcome = "jepa" in cfg.aux
+            backbone.set_ffn(i, router)
+            self.routers.append(router)
+        p = next(backbone.parameters())
+        self.routers.to(device=p.device)
+
+    def _static_full_layers(self) -> set[int]:
+        """Evenly spaced controlled layers run full, round(b * #layers) of them."""
+        count = round(self.rcfg.budget * len(self.layers))
+        if count == 0:
+            return set()
+        step = len(self.layers) / count
+        return {self.layers[int(j * step)] for j in range(count)}
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    # -- the layer-stack interface, so generation and evaluation treat it like any model ------
+    def new_cache(self, batch: int, max_len: int | None = None):
+        return self.backbone.new_cache(batch, max_len)
+
+    def forward(self, idx: Tensor, cache=None, start: int = 0) -> Output:
+        return self.backbone(idx, cache, start)
+
+    # -- which parameters train ------------------------------------------------------------------
+    def controller_modules(self) -> dict[str, nn.Module]:
+        """Everything the router adds: gates, cheap FFNs, predictors (not the backbone's FFN)."""
+        out: dict[str, nn.Module] = {}
+        for j, r in enumerate(self.routers):
+            out[f"routers.{j}.gate"] = r.gate
+            out[f"routers.{j}.cheap"] = r.cheap
+            if r.predictor is not None:
+                out[f"routers.{j}.predictor"] = r.predictor
+        return out
+
+    def controller_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.controller_modules().values() for p in m.parameters()]
+
+    def controller_state(self) -> dict[str, Tensor]:
+        state = {}
+        for prefix, module in self.controller_modules().items():
+            for k, v in module.state_dict().items():
+                state[f"{prefix}.{k}"] = v.detach().contiguous().cpu()
+        for j, r in enumerate(self.routers):
+            state[f"routers.{j}.threshold"] = r.threshold.detach().cpu().reshape(1)
+        return state
+
+    def load_controller_state(self, tensors: dict[str, Tensor]) -> None:
+        for prefix, module in self.controller_modules().items():
+            sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(sub)
+        for j, r in enumerate(self.routers):
+            r.threshold.copy_(tensors[f"routers.{j}.threshold"].reshape(()))
+
+    def set_decision(self, decision: Decision) -> None:
+        for r in self.routers:
+            r.decision = decision
+
+    # -- causal inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, batches: list[Tensor]) -> list[float]:
+        """Set each layer's threshold to the (1-b) quantile of its held-out scores.
+
+        One pass over all calibration tokens: layer l sets its threshold, routes, and layer l+1
+        then sees inputs produced under the thresholds of the layers below it, as at deployment.
+        """
+        was_training = self.training
+        self.eval()
+        self.set_decision("calibrate")
+        try:
+            self.backbone(torch.cat(batches, 0))
+        finally:
+            self.set_decision("auto")
+            self.train(was_training)
+        return [r.threshold.item() for r in self.routers]
+
+    def full_fractions(self) -> list[float]:
+        """Realised full fraction per controlled layer in the last forward."""
+        return [r.record.mask.float().mean().item() for r in self.routers]
+
+    def inference_flops_per_token(self, context: float, fractions: list[float]) -> float:
+        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes)."""
+        dense = fl.forward_per_token(self.cfg, context)
+        per_layer_ffn = dense["ffn"] / self.cfg.n_layers
+        total = sum(dense.values())
+        for r, f in zip(self.routers, fractions, strict=True):
+            total += (f - 1) * per_layer_ffn + (1 - f) * fl.module_flops(r.cheap)
+            total += fl.module_flops(r.gate)
+            if r.predictor is not None:
+                total += fl.module_flops(r.predictor)
+        return total
+
+    @torch.no_grad()
+    def eval_report(self, data, block_size: int, batch_size: int,
+                    max_batches: int | None) -> dict[str, object]:
+        """Full fraction under causal routing and routed/dense FLOPs, for `adadepth eval`."""
+        counts = torch.zeros(len(self.routers))
+        n = 0
+        for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
+            self.backbone(x.to(next(self.parameters()).device))
+            counts += torch.tensor(self.full_fractions()) * x.numel()
+            n += x.numel()
+        fractions = (counts / max(n, 1)).tolist()
+        ctx = fl.causal_context(block_size)
+        dense = sum(fl.forward_per_token(self.cfg, ctx).values())
+        return {"full_fraction_causal": fractions, "controlled_layers": self.layers,
+                "budget": self.rcfg.budget, "gate": self.rcfg.gate,
+                "flops_ratio": self.inference_flops_per_token(ctx, fractions) / dense}

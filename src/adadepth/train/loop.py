@@ -1,0 +1,184 @@
+"""The training loop shared by every training command.
+
+It trains an *objective*: a module whose forward maps a batch (x, y) to a `StepOutput` (the loss
+to minimise and extra metrics), with `lm_loss(x, y)` for evaluation and a pair of methods that
+say which weights a checkpoint holds. Pretraining, routing and later methods differ only in their
+objective; seeding, the schedule, checkpoints, resume and logging live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from adadepth.config import OptimConfig, TrainConfig
+from adadepth.data import TokenData
+from adadepth.errors import UserError
+from adadepth.flops import measured_peak_flops
+from adadepth.train import checkpoint as ck
+from adadepth.train.logging import MetricsLogger
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0  # FLOPs this step actually executed, for the utilisation figure
+
+
+class Objective(Protocol):
+    def __call__(self, x: Tensor, y: Tensor, step: int) -> StepOutput: ...
+    def lm_loss(self, x: Tensor, y: Tensor) -> Tensor: ...
+    def checkpoint_state(self) -> dict[str, Tensor]: ...
+    def load_checkpoint_state(self, tensors: dict[str, Tensor]) -> None: ...
+    def parameters(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, device: torch.device):
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(lm_loss: Callable[[Tensor, Tensor], Tensor], data: TokenData, split: str,
+             batch_size: int, block_size: int, device: torch.device,
+             max_batches: int | None = None, amp: bool = True) -> tuple[float, int]:
+    """Mean LM loss (nats/token) over consecutive blocks of a split, and the tokens seen."""
+    total, tokens = 0.0, 0
+    for x, y in data.eval_batches(split, batch_size, block_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, amp):
+            total += lm_loss(x, y).item() * y.numel()
+        tokens += y.numel()
+    if tokens == 0:
+        raise UserError(f"the {split} split is shorter than one block of {block_size} tokens")
+    return total / tokens, tokens
+
+
+@dataclass
+class LoopResult:
+    step: int
+    val_loss: float
+    wall_s: float
+    history: list[dict[str, Any]]
+
+
+def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+          block_size: int, run_dir: Path, *, resume: bool = False, desc: str = "train",
+          show_progress: bool = True) -> LoopResult:
+    """Train `objective` for train_cfg.steps steps, checkpointing into run_dir."""
+    device = next(objective.parameters()).device
+    generator = seed_everything(train_cfg.seed)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen")
+    optimizer = make_optimizer(params, optim_cfg, device)
+    start_step, history, wall_before = 0, [], 0.0
+    if resume and (ckpt := ck.latest_checkpoint(run_dir)) is not None:
+        state = ck.load_train_state(ckpt)
+        objective.load_checkpoint_state(ck.load_file(str(ckpt / ck.WEIGHTS)))
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, history, wall_before = state["step"], state["history"], state["wall_s"]
+    logger = MetricsLogger(run_dir, truncate_after=start_step)
+    peak = measured_peak_flops(device.type)
+    tokens_per_step = train_cfg.batch_size * block_size * train_cfg.grad_accum
+    val_loss = history[-1]["val_loss"] if history and "val_loss" in history[-1] else math.nan
+    bar = tqdm(total=train_cfg.steps, initial=start_step, desc=desc, disable=not show_progress,
+               dynamic_ncols=True, leave=False)
+    t_start = time.perf_counter()
+    for step in range(start_step, train_cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, train_cfg.steps, optim_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        objective.train()
+        metrics: dict[str, float] = {}
+        loss_sum, flops = 0.0, 0.0
+        for _ in range(train_cfg.grad_accum):
+            x, y = data.get_batch("train", train_cfg.batch_size, block_size, generator)
+            with autocast(device, train_cfg.amp):
+                out = objective(x.to(device), y.to(device), step)
+            (out.loss / train_cfg.grad_accum).backward()
+            loss_sum += out.loss.item() / train_cfg.grad_accum
+            flops += out.flops
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / train_cfg.grad_accum
+        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": tokens_per_step / dt, "flops_per_s": flops / dt,
+               "utilisation": flops / dt / peak, **metrics}
+        last = step + 1 == train_cfg.steps
+        if (step + 1) % train_cfg.eval_interval == 0 or last:
+            val_loss, _ = evaluate(objective.lm_loss, data, "val", train_cfg.batch_size,
+                                   block_size, device, train_cfg.eval_batches, train_cfg.amp)
+            row["val_loss"] = val_loss
+        history.append(row)
+        if (step + 1) % train_cfg.log_interval == 0 or "val_loss" in row or last:
+            logger.log(row)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                        util=f"{row['utilisation']:.1%}")
+        bar.update(1)
+        if (step + 1) % train_cfg.ckpt_interval == 0 or last:
+            wall = wall_before + time.perf_counter() - t_start
+            ck.save_checkpoint(run_dir, step + 1, objective.checkpoint_state(), {
+                "step": step + 1, "optimizer": optimizer.state_dict(), "history": history,
+                "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "wall_s": wall,
+            })
+    bar.close()
+    logger.close()
+    return LoopResult(step=train_cfg.steps, val_loss=val_loss,
+                      wall_s=wall_before + time.perf_counter() - t_start, history=history)
