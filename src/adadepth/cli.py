@@ -49,6 +49,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     base = {"preset": args.preset, "model": preset(args.preset).model_dump(),
             "data": {"corpus": args.corpus, "tokenizer": args.tokenizer},
             "train": {} if args.steps is None else {"steps": args.steps}}
+    if args.parallel:
+        base["train"]["parallel"] = args.parallel
     cfg = validate(PretrainConfig, config_dict(args, base))
     result = pretrain(cfg, Path(args.out), resume=args.resume)
     print(json.dumps({"out": args.out, "steps": result.step, "val_loss": result.val_loss,
@@ -88,6 +90,54 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("---")
 
 
+def aux_list(text: str) -> list[str]:
+    items = [a.strip() for a in text.split(",") if a.strip() and a.strip() != "none"]
+    unknown = [a for a in items if a not in ("util", "rank", "jepa")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown auxiliary loss {unknown[0]!r} "
+                                         "(use util, rank, jepa or none)")
+    return items
+
+
+def cmd_route(args: argparse.Namespace) -> None:
+    from adadepth.config import validate
+    from adadepth.route import RouteConfig, route
+
+    routing = {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
+                                 ("aux", args.aux), ("oracle", args.oracle)) if v is not None}
+    base = RouteConfig(backbone=args.backbone).model_dump()
+    base["routing"].update(routing)
+    if args.steps is not None:
+        base["train"]["steps"] = args.steps
+    if args.seed is not None:
+        base["train"]["seed"] = args.seed
+    if args.parallel:
+        base["train"]["parallel"] = args.parallel
+    cfg = validate(RouteConfig, config_dict(args, base))
+    metrics = route(cfg, Path(args.out), resume=args.resume)
+    keys = ("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
+            "full_fraction_causal", "flops_proxy", "wall_s")
+    print(json.dumps({k: metrics[k] for k in keys}))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from adadepth.bench import run_cli
+
+    run_cli(args)
+
+
+def cmd_backbone(args: argparse.Namespace) -> None:
+    from adadepth.hf import backbone_cli
+
+    backbone_cli(args)
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from adadepth.studies import run_study
+
+    run_study(args)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="adadepth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -100,6 +150,7 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--config", help="YAML file with any config fields")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 train.batch_size=8")
     p.set_defaults(func=cmd_pretrain)
 
@@ -122,6 +173,48 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("route", help="train a conditional depth-routing controller")
+    p.add_argument("--backbone", required=True, help="a pretrained run folder")
+    p.add_argument("--gate", help="g1, g3, random, static, all-full, all-cheap")
+    p.add_argument("--budget", type=float, help="full-path fraction in (0, 1]")
+    p.add_argument("--aux", type=aux_list, help="comma list of util,rank,jepa, or none")
+    p.add_argument("--oracle", choices=["off_policy", "on_policy"])
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("bench", help="measured vs ideal speedup of a routed model")
+    p.add_argument("run", help="a routed run folder")
+    p.add_argument("--budgets", default="1.0,0.75,0.5,0.25")
+    p.add_argument("--prefill-batch", type=positive_int, default=8)
+    p.add_argument("--prefill-len", type=positive_int, default=512)
+    p.add_argument("--decode-batches", default="1,8")
+    p.add_argument("--decode-tokens", type=positive_int, default=128)
+    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="where bench.json/bench.png go (default: the run folder)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("backbone", help="convert a packaged pretrained backbone once")
+    p.add_argument("name", help="e.g. smollm2-135m")
+    p.set_defaults(func=cmd_backbone)
+
+    p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
+    p.add_argument("name", help="aux-losses")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, help="controller steps per run")
+    p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
+    p.add_argument("--out", default="runs/study-aux-losses")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

@@ -177,6 +177,18 @@ def load_backbone(path: str, device: str) -> runs.LoadedRun:
     return loaded
 
 
+def calibration_windows(data, count: int, block: int) -> Tensor:
+    """Held-out windows for the causal thresholds: the end of the validation split.
+
+    Evaluation reads the validation split from its start, so on a split longer than both the
+    thresholds are measured on text they were not calibrated on.
+    """
+    val = data.split("val")
+    count = max(1, min(count, (len(val) - 1) // block))
+    start = len(val) - count * block
+    return torch.from_numpy(val[start:].astype("int64")).view(count, block)
+
+
 def smoothed(values: list[float], alpha: float) -> list[float]:
     out, ema = [], None
     for v in values:
@@ -241,11 +253,8 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
                    desc=f"route {cfg.routing.gate} b={cfg.routing.budget}",
                    show_progress=show_progress)
-    # Causal inference: thresholds from training windows, measured on the validation split.
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    calib = [data.get_batch("train", cfg.train.batch_size, block, gen)[0].to(device)
-             for _ in range(cfg.routing.calibration_batches)]
-    model.calibrate(calib)
+    model.calibrate([calibration_windows(data, cfg.routing.calibration_batches
+                                         * cfg.train.batch_size, block).to(device)])
     model.eval()
     val_causal, _ = evaluate(objective.lm_loss, data, "val", cfg.train.batch_size, block,
                              device, cfg.train.eval_batches, cfg.train.amp)
