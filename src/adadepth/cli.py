@@ -175,7 +175,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("route", help="train a conditional depth-routing controller")
-    p.add_argument("--backbone", required=True, help="a pretrained run folder")
+    p.add_argument("--backbone", required=True, help="a pretrained run folder, a transformers "
+                   "model directory, or a known backbone such as smollm2-135m")
     p.add_argument("--gate", help="g1, g3, random, static, all-full, all-cheap")
     p.add_argument("--budget", type=float, help="full-path fraction in (0, 1]")
     p.add_argument("--aux", type=aux_list, help="comma list of util,rank,jepa, or none")
@@ -207,7 +208,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_backbone)
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
-    p.add_argument("name", help="aux-losses")
+    p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument("--steps", type=positive_int, help="controller steps per run")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +169,13 @@ def backbone_checksum(params: list[nn.Parameter]) -> float:
 
 
 def load_backbone(path: str, device: str) -> runs.LoadedRun:
-    """An adadepth dense run folder (Hugging Face directories come through adadepth.hf)."""
+    """An adadepth dense run folder, a transformers model directory or a known backbone name."""
+    from adadepth import hf
+
+    if hf.is_known(path):
+        return hf.load_backbone(path, device)
     loaded = runs.load_run(Path(path), device)
-    if loaded.meta.get("kind") != "dense":
+    if loaded.meta.get("kind") not in ("dense", "hf"):
         raise UserError(f"backbone {path} is a {loaded.meta.get('kind')!r} run, not a dense model")
     return loaded
 
@@ -187,6 +190,13 @@ def calibration_windows(data, count: int, block: int) -> Tensor:
     count = max(1, min(count, (len(val) - 1) // block))
     start = len(val) - count * block
     return torch.from_numpy(val[start:].astype("int64")).view(count, block)
+
+
+def prediction_variance(model: RoutedModel) -> float | None:
+    """Across-token variance of G3's latent predictions in the last forward: ~0 means collapse."""
+    values = [r.gate.last_predictions.float().flatten(0, -3).var(0).mean().item()
+              for r in model.routers if getattr(r.gate, "last_predictions", None) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def smoothed(values: list[float], alpha: float) -> list[float]:
@@ -234,27 +244,27 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     data.check_block(block)
     seed_everything(cfg.train.seed)
     model_backbone = backbone.model
-    if cfg.routing.regime == "controller-only":
-        model_backbone.requires_grad_(False)
     backbone_params = list(model_backbone.parameters())  # before the controller moves in
     checksum = backbone_checksum(backbone_params)
     # The frozen backbone's dense loss on training windows: the reference for threshold hits.
     reference, _ = evaluate(lambda x, y: causal_lm_loss(model_backbone(x).logits, y), data,
                             "train", cfg.train.batch_size, block, device, cfg.train.eval_batches)
     model = RoutedModel(model_backbone, cfg.routing)
+    if cfg.routing.regime == "controller-only":
+        model.freeze_backbone()
     if resume and (out / runs.CONFIG).is_file():
         runs.check_compatible(out, "routed", model_backbone.cfg)
     runs.write_run_config(out, "routed", model_backbone.cfg, backbone.tokenizer, extra={
-        "backbone": str(Path(cfg.backbone).resolve()), "backbone_checksum": checksum,
+        "backbone": backbone.meta.get("ref", str(Path(cfg.backbone).resolve())), "backbone_checksum": checksum,
         "routing": cfg.routing.model_dump(), "data": data_cfg.model_dump()})
     dump_yaml(cfg, out / "config.yaml")
     objective = RoutingObjective(model, cfg.train.seed)
-    t0 = time.perf_counter()
     result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
                    desc=f"route {cfg.routing.gate} b={cfg.routing.budget}",
                    show_progress=show_progress)
     model.calibrate([calibration_windows(data, cfg.routing.calibration_batches
                                          * cfg.train.batch_size, block).to(device)])
+    collapse = prediction_variance(model)
     model.eval()
     val_causal, _ = evaluate(objective.lm_loss, data, "val", cfg.train.batch_size, block,
                              device, cfg.train.eval_batches, cfg.train.amp)
@@ -276,8 +286,9 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         "reference_dense_loss": reference, "val_lm_causal": val_causal, "val_lm_topk": val_topk,
         "full_fraction_causal": report["full_fraction_causal"],
         "flops_ratio_inference": report["flops_ratio"],
-        "wall_s": result.wall_s if resume else time.perf_counter() - t0,
+        "wall_s": result.wall_s,
         "lambda_jepa": cfg.routing.lambda_jepa,
+        "prediction_variance": collapse,
     }
     if any(math.isnan(v) for v in (metrics["avg_lm"], val_causal)):
         raise RuntimeError("training diverged: the LM loss is NaN")

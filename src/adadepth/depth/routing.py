@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adadepth import flops as fl
@@ -47,12 +48,35 @@ class RouteRecord:
     u: Tensor | None  # (B, T, d) normalised input, when kept for the causal predictor
 
 
+def topk_count(T: int, budget: float) -> int:
+    """k = ceil(b*T), at least one token; the epsilon keeps 0.3*10 from rounding up to 4."""
+    return max(1, min(T, math.ceil(budget * T - 1e-9)))
+
+
 def topk_mask(score: Tensor, budget: float) -> Tensor:
     """Exactly k = ceil(b*T) full tokens in every sequence."""
-    T = score.shape[-1]
-    k = min(T, math.ceil(budget * T))
+    k = topk_count(score.shape[-1], budget)
     mask = torch.zeros_like(score, dtype=torch.bool)
-    return mask.scatter(-1, score.topk(k, dim=-1).indices, True)
+    return mask.scatter(-1, score.topk(k, dim=-1, sorted=False).indices, True)
+
+
+@dataclass
+class Route:
+    """One layer's decisions, with what is known of their shape before looking at them."""
+
+    mask: Tensor  # (B, T) bool, True = full path
+    per_row: int | None = None  # every row has exactly this many full tokens (top-k)
+    uniform: bool | None = None  # every token takes the same path (True = full)
+
+
+def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
+    """sigma(s)/sg(sigma(s)) on full tokens, (1-sigma(s))/sg(1-sigma(s)) on cheap ones.
+
+    Written as exp(log p - sg(log p)) with p from logsigmoid: exactly 1 in value and never 0/0
+    when a saturated score underflows sigma to zero; the gradient is d log p / ds.
+    """
+    logp = F.logsigmoid(torch.where(mask, score, -score).float())
+    return torch.exp(logp - logp.detach())
 
 
 class RoutedFFN(nn.Module):
@@ -73,15 +97,23 @@ class RoutedFFN(nn.Module):
     def causal_score(self, u: Tensor, score: Tensor) -> Tensor:
         return score if self.predictor is None else self.predictor(u.detach()).squeeze(-1)
 
-    def decide(self, u: Tensor, score: Tensor) -> Tensor:
+    def decide(self, u: Tensor, score: Tensor) -> Route:
         if self.force is not None or self.gate.fixed is not None:
-            full = self.gate.fixed if self.force is None else self.force
-            return torch.full(score.shape, bool(full), dtype=torch.bool, device=score.device)
+            full = bool(self.gate.fixed if self.force is None else self.force)
+            return Route(torch.full(score.shape, full, dtype=torch.bool, device=score.device),
+                         uniform=full)
         decision = self.decision
         if decision == "auto":
             decision = "topk" if self.training else "causal"
         if decision == "topk":
-            return topk_mask(score.detach(), self.budget)
+            k = topk_count(score.shape[-1], self.budget)
+            return Route(topk_mask(score.detach(), self.budget), per_row=k,
+                         uniform=True if k == score.shape[-1] else None)
+        if self.budget >= 1:  # every token full whatever its score: no threshold to compare
+            if decision == "calibrate":
+                self.threshold.fill_(float("-inf"))
+            return Route(torch.ones(score.shape, dtype=torch.bool, device=score.device),
+                         uniform=True)
         causal = self.causal_score(u, score).detach()
         if decision == "calibrate":
             # The (1-b) quantile of this layer's scores, given the thresholds already set below.
@@ -89,7 +121,7 @@ class RoutedFFN(nn.Module):
             self.threshold.fill_(q.item())
         elif torch.isnan(self.threshold):
             raise UserError("causal routing needs calibrated thresholds; run calibrate() first")
-        return causal > self.threshold
+        return Route(causal > self.threshold)
 
     # -- computing ----------------------------------------------------------------------------
     def use_sparse(self, needs_gate_grad: bool) -> bool:
@@ -99,44 +131,63 @@ class RoutedFFN(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         score = self.gate(u)
-        mask = self.decide(u, score)
+        route = self.decide(u, score)
         grad = torch.is_grad_enabled() and score.requires_grad and self.force is None
         if self.use_sparse(grad):
-            out = self._sparse(u, mask, score if grad else None)
+            out = self._sparse(u, route, score if grad else None)
         else:
-            out = self._dense(u, mask, score if grad else None)
-        self.record = RouteRecord(score=score, mask=mask,
+            out = self._dense(u, route.mask, score if grad else None)
+        self.record = RouteRecord(score=score, mask=route.mask,
                                   outcome=out if self.keep_outcome else None,
                                   u=u if self.predictor is not None else None)
         return out
 
     def _dense(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
-        m = mask.unsqueeze(-1).to(u.dtype)
-        full, cheap = self.full(u), self.cheap(u)
-        if score is None:
-            return m * full + (1 - m) * cheap
-        p = torch.sigmoid(score).unsqueeze(-1).to(u.dtype)
-        if self.estimator == "straight_through":
-            m = m + p - p.detach()
-            return cheap + m * (full - cheap)
-        return m * full * (p / p.detach()) + (1 - m) * cheap * ((1 - p) / (1 - p).detach())
+        """Both paths on every token, then mixed: the reference, and straight-through's need."""
+        full, cheap = self.full(u).to(u.dtype), self.cheap(u).to(u.dtype)
+        m = mask.unsqueeze(-1)
+        if score is not None and self.estimator == "straight_through":
+            p = torch.sigmoid(score).unsqueeze(-1).to(u.dtype)
+            soft = m.to(u.dtype) + p - p.detach()  # forward: the hard mask; backward: sigma'(s)
+            return cheap + soft * (full - cheap)
+        out = torch.where(m, full, cheap)
+        if score is not None:
+            out = out * ratio_weight(score, mask).unsqueeze(-1).to(u.dtype)
+        return out
 
-    def _sparse(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
+    def _sparse(self, u: Tensor, route: Route, score: Tensor | None) -> Tensor:
+        """Only the executed path per token; the ratio estimator carries the gate's gradient."""
         if self.estimator == "straight_through" and score is not None:
             raise UserError("the straight-through estimator needs dispatch: dense")
-        d = u.shape[-1]
-        flat, m = u.reshape(-1, d), mask.reshape(-1)
-        full_idx, cheap_idx = m.nonzero().squeeze(1), (~m).nonzero().squeeze(1)
-        full_out = self.full(flat.index_select(0, full_idx))
-        out = torch.zeros_like(flat).index_copy(0, full_idx, full_out.to(flat.dtype))
-        if not getattr(self.cheap, "is_skip", False):
-            cheap_out = self.cheap(flat.index_select(0, cheap_idx))
-            out = out.index_copy(0, cheap_idx, cheap_out.to(flat.dtype))
-        if score is not None:  # ratio estimator: value unchanged, gradient sigma'/sigma to s
-            p = torch.sigmoid(score.reshape(-1)).to(u.dtype)
-            ratio = torch.where(m, p / p.detach(), (1 - p) / (1 - p).detach())
-            out = out * ratio.unsqueeze(-1)
-        return out.view_as(u)
+        if route.uniform is not None:
+            out = (self.full if route.uniform else self.cheap)(u).to(u.dtype)
+        else:
+            out = self._gather(u, route)
+        if score is not None:
+            out = out * ratio_weight(score, route.mask).unsqueeze(-1).to(u.dtype)
+        return out
+
+    def _gather(self, u: Tensor, route: Route) -> Tensor:
+        """Pack the full tokens of all rows into one batch, run the full FFN on it alone, the
+        cheap FFN on the rest, and scatter both back. With top-k the packed sizes follow from k
+        (static shapes: no host sync, compilable); causal decisions need one count read back."""
+        flat, m = u.reshape(-1, u.shape[-1]), route.mask.reshape(-1)
+        n = m.numel()
+        if route.per_row is not None:
+            n_full = route.per_row * (n // route.mask.shape[-1])
+        else:
+            n_full = int(m.sum())
+            if n_full in (0, n):  # common at decode: one row, or all rows agree
+                return (self.full if n_full else self.cheap)(u).to(u.dtype)
+        full_idx = torch.nonzero_static(m, size=n_full).squeeze(1)
+        full_out = self.full(flat.index_select(0, full_idx)).to(flat.dtype)
+        if getattr(self.cheap, "is_skip", False):
+            out = torch.zeros_like(flat)
+        else:
+            cheap_idx = torch.nonzero_static(~m, size=n - n_full).squeeze(1)
+            cheap_out = self.cheap(flat.index_select(0, cheap_idx)).to(flat.dtype)
+            out = torch.empty_like(flat).index_copy_(0, cheap_idx, cheap_out)
+        return out.index_copy_(0, full_idx, full_out).view_as(u)
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -208,6 +259,12 @@ class RoutedModel(nn.Module):
             if r.predictor is not None:
                 out[f"routers.{j}.predictor"] = r.predictor
         return out
+
+    def freeze_backbone(self) -> None:
+        """Controller-only regime: only the gates, cheap paths and predictors train."""
+        self.backbone.requires_grad_(False)
+        for p in self.controller_parameters():
+            p.requires_grad_(True)
 
     def controller_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.controller_modules().values() for p in m.parameters()]
