@@ -14,6 +14,7 @@ from adadepth.flops import causal_context, train_per_token
 from adadepth.model import Transformer, causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import LoopResult, StepOutput, resolve_device, seed_everything, train
+from adadepth.train.parallel import is_main
 
 
 class LanguageModeling(nn.Module):
@@ -55,7 +56,10 @@ def pretrain(cfg: PretrainConfig, out: Path, resume: bool = False,
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
-    runs.write_run_config(out, "dense", cfg.model, tokenizer, extra={"preset": cfg.preset})
-    dump_yaml(cfg, out / "config.yaml")
+    # eval and route read the data config back, to evaluate on the corpus and context trained on.
+    if is_main():  # under torchrun, one process writes the run folder
+        runs.write_run_config(out, "dense", cfg.model, tokenizer,
+                              extra={"preset": cfg.preset, "data": cfg.data.model_dump()})
+        dump_yaml(cfg, out / "config.yaml")
     return train(LanguageModeling(model), data, cfg.train, cfg.optim, cfg.data.block_size, out,
                  resume=resume, desc=f"pretrain {cfg.preset}", show_progress=show_progress)

@@ -26,6 +26,7 @@ from adadepth.data import TokenData
 from adadepth.errors import UserError
 from adadepth.flops import measured_peak_flops
 from adadepth.train import checkpoint as ck
+from adadepth.train import parallel
 from adadepth.train.logging import MetricsLogger
 
 
@@ -47,14 +48,14 @@ class Objective(Protocol):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"unknown device {name!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda asked for, but no CUDA device is available")
-    return device
+    return parallel.init_from_env(device)  # under torchrun: cuda:LOCAL_RANK, process group
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -89,14 +90,33 @@ def autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate(lm_loss: Callable[[Tensor, Tensor], Tensor], data: TokenData, split: str,
              batch_size: int, block_size: int, device: torch.device,
-             max_batches: int | None = None, amp: bool = True) -> tuple[float, int]:
-    """Mean LM loss (nats/token) over consecutive blocks of a split, and the tokens seen."""
-    total, tokens = 0.0, 0
-    for x, y in data.eval_batches(split, batch_size, block_size, max_batches):
+             max_batches: int | None = None, amp: bool = True,
+             par: parallel.Parallel | None = None) -> tuple[float, int]:
+    """Mean LM loss (nats/token) over consecutive blocks of a split, and the tokens seen.
+
+    With `par`, rank r takes batches r, r+N, ... and the sums are all-reduced.
+    """
+    rank, world = (par.rank, par.world) if par is not None else (0, 1)
+    total, tokens, mine, count = 0.0, 0, 0, 0
+    spare = None
+    for i, (x, y) in enumerate(data.eval_batches(split, batch_size, block_size, max_batches)):
+        count = i + 1
+        spare = spare or (x, y)
+        if i % world != rank:
+            continue
         x, y = x.to(device), y.to(device)
         with autocast(device, amp):
             total += lm_loss(x, y).item() * y.numel()
         tokens += y.numel()
+        mine += 1
+    if par is not None and par.mode == "fsdp" and spare is not None:
+        # Sharded forwards are collective: every rank runs as many, the extra ones discarded.
+        for _ in range(-(-count // world) - mine):
+            with autocast(device, amp):
+                lm_loss(spare[0].to(device), spare[1].to(device))
+    if par is not None:
+        total, tokens = par.all_sum([total, float(tokens)])
+        tokens = int(tokens)
     if tokens == 0:
         raise UserError(f"the {split} split is shorter than one block of {block_size} tokens")
     return total / tokens, tokens
@@ -113,72 +133,121 @@ class LoopResult:
 def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           block_size: int, run_dir: Path, *, resume: bool = False, desc: str = "train",
           show_progress: bool = True) -> LoopResult:
-    """Train `objective` for train_cfg.steps steps, checkpointing into run_dir."""
+    """Train `objective` for train_cfg.steps steps, checkpointing into run_dir.
+
+    Under torchrun (or with train.parallel set) the steps run through `parallel`: the global
+    batch train.batch_size is split over the processes, and only rank 0 logs and writes.
+    """
     device = next(objective.parameters()).device
+    peak = measured_peak_flops(device.type)
     generator = seed_everything(train_cfg.seed)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in objective.parameters()):
         raise UserError("nothing to train: every parameter is frozen")
+    ckpt = ck.latest_checkpoint(run_dir) if resume else None
+    state = ck.load_train_state(ckpt) if ckpt is not None else None
+    sharded_ckpt = parallel.dcp_folder(ckpt) if ckpt is not None else None
+    if ckpt is not None and sharded_ckpt is None:
+        objective.load_checkpoint_state(ck.load_file(str(ckpt / ck.WEIGHTS)))
+    par = parallel.setup(objective, train_cfg, device, run_dir)
+    params = [p for p in par.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, optim_cfg, device)
     start_step, history, wall_before = 0, [], 0.0
-    if resume and (ckpt := ck.latest_checkpoint(run_dir)) is not None:
-        state = ck.load_train_state(ckpt)
-        objective.load_checkpoint_state(ck.load_file(str(ckpt / ck.WEIGHTS)))
-        optimizer.load_state_dict(state["optimizer"])
+    if ckpt is not None and state is not None:
+        if sharded_ckpt is not None:
+            par.load(sharded_ckpt, optimizer)
+        else:
+            if "optimizer" not in state:
+                raise UserError(f"{ckpt} keeps its optimizer state in a {parallel.DCP_PREFIX}* "
+                                "folder beside it, and that folder is missing")
+            par.load_plain_optimizer(optimizer, state["optimizer"],
+                                     lambda ps: make_optimizer(ps, optim_cfg, device))
         generator.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_step, history, wall_before = state["step"], state["history"], state["wall_s"]
-    logger = MetricsLogger(run_dir, truncate_after=start_step)
-    peak = measured_peak_flops(device.type)
+    logger = MetricsLogger(run_dir, truncate_after=start_step) if par.main else None
+    peak_total = sum(par.gather(peak))
     tokens_per_step = train_cfg.batch_size * block_size * train_cfg.grad_accum
     val_loss = history[-1]["val_loss"] if history and "val_loss" in history[-1] else math.nan
-    bar = tqdm(total=train_cfg.steps, initial=start_step, desc=desc, disable=not show_progress,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=train_cfg.steps, initial=start_step, desc=desc,
+               disable=not (show_progress and par.main), dynamic_ncols=True, leave=False)
     t_start = time.perf_counter()
     for step in range(start_step, train_cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, train_cfg.steps, optim_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        objective.train()
+        par.model.train()
         metrics: dict[str, float] = {}
         loss_sum, flops = 0.0, 0.0
-        for _ in range(train_cfg.grad_accum):
-            x, y = data.get_batch("train", train_cfg.batch_size, block_size, generator)
-            with autocast(device, train_cfg.amp):
-                out = objective(x.to(device), y.to(device), step)
-            (out.loss / train_cfg.grad_accum).backward()
+        for micro in range(train_cfg.grad_accum):
+            x, y = par.shard(*data.get_batch("train", train_cfg.batch_size, block_size,
+                                             generator))
+            with par.micro_step(sync=micro == train_cfg.grad_accum - 1):
+                with autocast(device, train_cfg.amp):
+                    out = par.model(x.to(device), y.to(device), step)
+                (out.loss / train_cfg.grad_accum).backward()
             loss_sum += out.loss.item() / train_cfg.grad_accum
             flops += out.flops
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / train_cfg.grad_accum
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        grad_norm = par.clip_grad_norm(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens_per_step / dt, "flops_per_s": flops / dt,
-               "utilisation": flops / dt / peak, **metrics}
+        figures = step_figures(par, loss_sum, metrics, flops, dt, tokens_per_step, peak_total)
+        row = {"step": step + 1, "loss": figures.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+               **figures}
         last = step + 1 == train_cfg.steps
         if (step + 1) % train_cfg.eval_interval == 0 or last:
-            val_loss, _ = evaluate(objective.lm_loss, data, "val", train_cfg.batch_size,
-                                   block_size, device, train_cfg.eval_batches, train_cfg.amp)
+            val_loss, _ = evaluate(par.lm_loss, data, "val", train_cfg.batch_size, block_size,
+                                   device, train_cfg.eval_batches, train_cfg.amp, par=par)
             row["val_loss"] = val_loss
         history.append(row)
-        if (step + 1) % train_cfg.log_interval == 0 or "val_loss" in row or last:
+        if logger is not None and ((step + 1) % train_cfg.log_interval == 0
+                                   or "val_loss" in row or last):
             logger.log(row)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                         util=f"{row['utilisation']:.1%}")
         bar.update(1)
         if (step + 1) % train_cfg.ckpt_interval == 0 or last:
-            wall = wall_before + time.perf_counter() - t_start
-            ck.save_checkpoint(run_dir, step + 1, objective.checkpoint_state(), {
-                "step": step + 1, "optimizer": optimizer.state_dict(), "history": history,
-                "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "wall_s": wall,
-            })
+            train_state = {
+                "step": step + 1, "history": history, "data_rng": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "wall_s": wall_before + time.perf_counter() - t_start,
+            }
+            if device.type == "cuda":
+                train_state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            if par.distributed:  # the optimizer goes into the sharded checkpoint
+                train_state.update(world_size=par.world, parallel=par.mode)
+                par.save(run_dir, step + 1, train_state, optimizer)
+            else:
+                train_state["optimizer"] = optimizer.state_dict()
+                ck.save_checkpoint(run_dir, step + 1, objective.checkpoint_state(), train_state)
+                parallel.remove_sharded(run_dir)  # a resumed distributed run's, now outdated
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
+    par.finish()
     return LoopResult(step=train_cfg.steps, val_loss=val_loss,
                       wall_s=wall_before + time.perf_counter() - t_start, history=history)
+
+
+def step_figures(par: parallel.Parallel, loss: float, metrics: dict[str, float], flops: float,
+                 dt: float, tokens_per_step: int, peak_total: float) -> dict[str, Any]:
+    """Loss and metrics averaged over ranks (equal slices: the global-batch mean), throughput
+    per rank and in total (the slowest rank sets the pace), FLOPs utilisation of all devices."""
+    ranks = par.gather({"loss": loss, "metrics": metrics, "flops": flops, "dt": dt})
+    dt_max = max(r["dt"] for r in ranks)
+    flops_total = sum(r["flops"] for r in ranks)
+    row: dict[str, Any] = {"loss": sum(r["loss"] for r in ranks) / par.world,
+                           "tokens_per_s": tokens_per_step / dt_max,
+                           "flops_per_s": flops_total / dt_max,
+                           "utilisation": flops_total / dt_max / peak_total}
+    if par.world > 1:
+        row["tokens_per_s_rank"] = [tokens_per_step / par.world / r["dt"] for r in ranks]
+    for key in metrics:
+        row[key] = sum(r["metrics"][key] for r in ranks) / par.world
+    return row
