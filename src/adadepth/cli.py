@@ -28,11 +28,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def config_dict(args: argparse.Namespace, base: dict) -> dict:
+def config_dict(args: argparse.Namespace, base: dict, flags: dict | None = None) -> dict:
     """Defaults < --config YAML < explicit flags < key=value overrides."""
     if getattr(args, "config", None):
         base = _merge(base, load_yaml(args.config))
-    return apply_overrides(base, args.overrides)
+    return apply_overrides(_merge(base, flags or {}), args.overrides)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -46,12 +46,16 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from adadepth.config import PretrainConfig, preset, validate
     from adadepth.pretrain import pretrain
 
-    base = {"preset": args.preset, "model": preset(args.preset).model_dump(),
-            "data": {"corpus": args.corpus, "tokenizer": args.tokenizer},
-            "train": {} if args.steps is None else {"steps": args.steps}}
-    if args.parallel:
-        base["train"]["parallel"] = args.parallel
-    cfg = validate(PretrainConfig, config_dict(args, base))
+    # The preset (flag, else the YAML's, else tiny) gives the model shape the YAML then adjusts.
+    name = args.preset or str((load_yaml(args.config) if args.config else {}).get("preset", "tiny"))
+    base = {"preset": name, "model": preset(name).model_dump()}
+    given = (("corpus", args.corpus), ("tokenizer", args.tokenizer), ("steps", args.steps),
+             ("parallel", args.parallel))
+    given = {k: v for k, v in given if v is not None}
+    flags = {"preset": name,
+             "data": {k: v for k, v in given.items() if k in ("corpus", "tokenizer")},
+             "train": {k: v for k, v in given.items() if k in ("steps", "parallel")}}
+    cfg = validate(PretrainConfig, config_dict(args, base, flags))
     result = pretrain(cfg, Path(args.out), resume=args.resume)
     print(json.dumps({"out": args.out, "steps": result.step, "val_loss": result.val_loss,
                       "wall_s": round(result.wall_s, 1)}))
@@ -105,15 +109,11 @@ def cmd_route(args: argparse.Namespace) -> None:
 
     routing = {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
                                  ("aux", args.aux), ("oracle", args.oracle)) if v is not None}
+    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
+                               ("parallel", args.parallel)) if v is not None}
+    flags = {"backbone": args.backbone, "routing": routing, "train": train}
     base = RouteConfig(backbone=args.backbone).model_dump()
-    base["routing"].update(routing)
-    if args.steps is not None:
-        base["train"]["steps"] = args.steps
-    if args.seed is not None:
-        base["train"]["seed"] = args.seed
-    if args.parallel:
-        base["train"]["parallel"] = args.parallel
-    cfg = validate(RouteConfig, config_dict(args, base))
+    cfg = validate(RouteConfig, config_dict(args, base, flags))
     metrics = route(cfg, Path(args.out), resume=args.resume)
     keys = ("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
             "full_fraction_causal", "flops_proxy", "wall_s")
@@ -143,9 +143,9 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("pretrain", help="pretrain a dense backbone")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--corpus", default="tiny-shakespeare")
-    p.add_argument("--tokenizer", default="char")
+    p.add_argument("--preset", help="tiny (default), small or paper")
+    p.add_argument("--corpus", help="default tiny-shakespeare")
+    p.add_argument("--tokenizer", help="char (default), gpt2 or a tokenizer folder")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--config", help="YAML file with any config fields")

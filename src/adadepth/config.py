@@ -1,4 +1,4 @@
-"""The one config system: pydantic models, the preset registry, YAML files and key=value overrides."""
+"""The one config system: pydantic models, the preset registry, YAML and key=value overrides."""
 
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ class ModelConfig(Strict):
 
     def check(self) -> None:
         if self.d_model % self.n_heads or self.head_dim % 2:
-            raise UserError(f"d_model {self.d_model} must split into {self.n_heads} heads of even size")
+            raise UserError(
+                f"d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.n_heads % self.kv_heads:
-            raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+            raise UserError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
 
 
 # Named model shapes. Sizes are non-embedding parameters; `paper` with the GPT-2 vocabulary and
@@ -180,4 +182,5 @@ class RoutingConfig(Strict):
     regime: Literal["controller-only", "joint"] = "controller-only"
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.2, 0.1, 0.05])
     smoothing: float = Field(0.1, gt=0, le=1, description="EMA weight of the smoothed LM loss")
-    calibration_batches: PositiveInt = 8
+    calibration_windows: PositiveInt = Field(
+        256, description="held-out windows the causal thresholds are calibrated on")

@@ -29,6 +29,7 @@ from adadepth.errors import UserError
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
+from adadepth.train.parallel import is_main
 
 
 class RouteConfig(Strict):
@@ -180,16 +181,17 @@ def load_backbone(path: str, device: str) -> runs.LoadedRun:
     return loaded
 
 
-def calibration_windows(data, count: int, block: int) -> Tensor:
-    """Held-out windows for the causal thresholds: the end of the validation split.
+def validation_halves(data, block: int, count: int) -> tuple[Tensor, Tensor]:
+    """Disjoint held-out windows for the causal thresholds: even and odd validation windows.
 
-    Evaluation reads the validation split from its start, so on a split longer than both the
-    thresholds are measured on text they were not calibrated on.
+    Thresholds are calibrated on the even windows and their full fraction is measured on the
+    odd ones: different text from the same distribution.
     """
     val = data.split("val")
-    count = max(1, min(count, (len(val) - 1) // block))
-    start = len(val) - count * block
-    return torch.from_numpy(val[start:].astype("int64")).view(count, block)
+    n = (len(val) - 1) // block
+    windows = torch.from_numpy(val[: n * block].astype("int64")).view(n, block)
+    even, odd = windows[0::2][:count], windows[1::2][:count]
+    return even, (odd if len(odd) else even)
 
 
 def prediction_variance(model: RoutedModel) -> float | None:
@@ -254,28 +256,31 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         model.freeze_backbone()
     if resume and (out / runs.CONFIG).is_file():
         runs.check_compatible(out, "routed", model_backbone.cfg)
-    runs.write_run_config(out, "routed", model_backbone.cfg, backbone.tokenizer, extra={
-        "backbone": backbone.meta.get("ref", str(Path(cfg.backbone).resolve())), "backbone_checksum": checksum,
-        "routing": cfg.routing.model_dump(), "data": data_cfg.model_dump()})
-    dump_yaml(cfg, out / "config.yaml")
+    if is_main():  # under torchrun, one process writes the run folder
+        runs.write_run_config(out, "routed", model_backbone.cfg, backbone.tokenizer, extra={
+            "backbone": backbone.meta.get("ref", str(Path(cfg.backbone).resolve())),
+            "backbone_checksum": checksum,
+            "routing": cfg.routing.model_dump(), "data": data_cfg.model_dump()})
+        dump_yaml(cfg, out / "config.yaml")
     objective = RoutingObjective(model, cfg.train.seed)
     result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
                    desc=f"route {cfg.routing.gate} b={cfg.routing.budget}",
                    show_progress=show_progress)
-    model.calibrate([calibration_windows(data, cfg.routing.calibration_batches
-                                         * cfg.train.batch_size, block).to(device)])
+    calibration, held_out = validation_halves(data, block, cfg.routing.calibration_windows)
+    model.calibrate([calibration.to(device)])
     collapse = prediction_variance(model)
     model.eval()
+    fractions = model.full_fraction_over(held_out.split(cfg.train.batch_size))
     val_causal, _ = evaluate(objective.lm_loss, data, "val", cfg.train.batch_size, block,
                              device, cfg.train.eval_batches, cfg.train.amp)
-    report = model.eval_report(data, block, cfg.train.batch_size, cfg.train.eval_batches)
     model.set_decision("topk")
     val_topk, _ = evaluate(objective.lm_loss, data, "val", cfg.train.batch_size, block,
                            device, cfg.train.eval_batches, cfg.train.amp)
     model.set_decision("auto")
     latest = ck.latest_checkpoint(out)
-    ck.save_checkpoint(out, result.step, objective.checkpoint_state(),
-                       ck.load_train_state(latest) if latest else None)
+    if is_main():
+        ck.save_checkpoint(out, result.step, objective.checkpoint_state(),
+                           ck.load_train_state(latest) if latest else None)
     if cfg.routing.regime == "controller-only" and backbone_checksum(backbone_params) != checksum:
         raise RuntimeError("controller-only training changed the backbone weights")
     metrics = {
@@ -284,15 +289,18 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         "budget": cfg.routing.budget, "seed": cfg.train.seed, "regime": cfg.routing.regime,
         "steps": result.step, "controlled_layers": model.layers,
         "reference_dense_loss": reference, "val_lm_causal": val_causal, "val_lm_topk": val_topk,
-        "full_fraction_causal": report["full_fraction_causal"],
-        "flops_ratio_inference": report["flops_ratio"],
+        "full_fraction_causal": fractions,
+        "flops_ratio_inference": model.inference_flops_per_token(
+            fl.causal_context(block), fractions) / sum(
+            fl.forward_per_token(model.cfg, fl.causal_context(block)).values()),
         "wall_s": result.wall_s,
         "lambda_jepa": cfg.routing.lambda_jepa,
         "prediction_variance": collapse,
     }
     if any(math.isnan(v) for v in (metrics["avg_lm"], val_causal)):
         raise RuntimeError("training diverged: the LM loss is NaN")
-    ck.write_json_atomic(out / "metrics.json", metrics)
+    if is_main():
+        ck.write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 

@@ -307,6 +307,17 @@ class RoutedModel(nn.Module):
             self.train(was_training)
         return [r.threshold.item() for r in self.routers]
 
+    @torch.no_grad()
+    def full_fraction_over(self, batches) -> list[float]:
+        """Realised full fraction per controlled layer over batches of token ids."""
+        counts, n = torch.zeros(len(self.routers)), 0
+        device = next(self.parameters()).device
+        for x in batches:
+            self.backbone(x.to(device))
+            counts += torch.tensor(self.full_fractions()) * x.numel()
+            n += x.numel()
+        return (counts / max(n, 1)).tolist()
+
     def full_fractions(self) -> list[float]:
         """Realised full fraction per controlled layer in the last forward."""
         return [r.record.mask.float().mean().item() for r in self.routers]
@@ -327,13 +338,8 @@ class RoutedModel(nn.Module):
     def eval_report(self, data, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, object]:
         """Full fraction under causal routing and routed/dense FLOPs, for `adadepth eval`."""
-        counts = torch.zeros(len(self.routers))
-        n = 0
-        for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
-            self.backbone(x.to(next(self.parameters()).device))
-            counts += torch.tensor(self.full_fractions()) * x.numel()
-            n += x.numel()
-        fractions = (counts / max(n, 1)).tolist()
+        batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
+        fractions = self.full_fraction_over(batches)
         ctx = fl.causal_context(block_size)
         dense = sum(fl.forward_per_token(self.cfg, ctx).values())
         return {"full_fraction_causal": fractions, "controlled_layers": self.layers,

@@ -9,4 +9,13 @@ from adadepth.model.transformer import (
     causal_lm_loss,
 )
 
-__all__ = ["Block", "Context", "KVCache", "Output", "RMSNorm", "SwiGLU", "Transformer", "causal_lm_loss"]
+__all__ = [
+    "Block",
+    "Context",
+    "KVCache",
+    "Output",
+    "RMSNorm",
+    "SwiGLU",
+    "Transformer",
+    "causal_lm_loss",
+]

@@ -160,7 +160,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Scaled init of residual projections (GPT-2): keeps the stream's variance depth-independent.
+        # Scaled init of residual projections (GPT-2) keeps the stream's variance depth-free.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
