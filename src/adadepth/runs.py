@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from adadepth.config import ModelConfig
+from adadepth.config import ModelConfig, validate
 from adadepth.data import Tokenizer, load_tokenizer
 from adadepth.errors import UserError
 from adadepth.model import Transformer
@@ -70,7 +70,12 @@ def check_compatible(run_dir: Path, kind: str, model_cfg: ModelConfig) -> None:
 
 @register_loader("dense")
 def load_dense(run_dir: Path, meta: dict[str, Any], device: str) -> nn.Module:
-    model = Transformer(ModelConfig(**meta["model"]))
+    try:  # a hand-edited or foreign config.json is bad input, not a crash
+        cfg = validate(ModelConfig, meta.get("model") or {})
+        cfg.check()
+    except UserError as e:
+        raise UserError(f"{run_dir / CONFIG}: {e}") from e
+    model = Transformer(cfg)
     ck.load_weights(model, ck.require_checkpoint(run_dir))
     return model.to(device)
 
@@ -79,6 +84,10 @@ def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
     import adadepth.route  # noqa: F401  (registers the "routed" loader)
 
     meta = read_run_config(run_dir)
+    if "kind" not in meta and "model_type" in meta:  # a plain transformers model directory
+        from adadepth.hf import load_backbone
+
+        return load_backbone(run_dir, device)
     kind = meta.get("kind")
     if kind not in LOADERS:
         raise UserError(f"{run_dir}: unknown model kind {kind!r}")
