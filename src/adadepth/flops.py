@@ -65,8 +65,10 @@ def measured_peak_flops(device: str = "cpu") -> float:
     CPUs have no published peak we can trust here, so we measure one large matmul.
     """
     n = 1024 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    # A private generator: drawing from the global one would shift a resumed run's random stream.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
     torch.mm(a, b)  # warm-up
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < 0.3 or reps < 3:

@@ -64,7 +64,9 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_text_atomic(run_dir / LATEST, final.name + "\n")
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+    # Temporary folders left by a run killed mid-write are garbage once a checkpoint is in place.
+    stale = sorted(run_dir.glob("ckpt-*"))[:-keep] + list(run_dir.glob(".tmp-ckpt-*"))
+    for old in stale:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -72,10 +74,14 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / LATEST
-    if not pointer.is_file():
-        return None
-    path = run_dir / pointer.read_text().strip()
-    return path if (path / WEIGHTS).is_file() else None
+    if pointer.is_file():
+        path = run_dir / pointer.read_text().strip()
+        if (path / WEIGHTS).is_file():
+            return path
+    # A kill between renaming a checkpoint into place and writing LATEST leaves no pointer, but
+    # ckpt-* folders only ever appear complete (by rename), so the newest one is good.
+    done = sorted(p for p in run_dir.glob("ckpt-*") if (p / WEIGHTS).is_file())
+    return done[-1] if done else None
 
 
 def require_checkpoint(run_dir: Path) -> Path:
@@ -87,8 +93,17 @@ def require_checkpoint(run_dir: Path) -> Path:
     return path
 
 
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint; a damaged file is a user error, not a crash."""
+    try:
+        return load_file(str(ckpt / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type, OSError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{ckpt / WEIGHTS} is damaged or unreadable: {first}") from e
+
+
 def load_weights(module: nn.Module, ckpt: Path, strict: bool = True) -> None:
-    tensors = load_file(str(ckpt / WEIGHTS))
+    tensors = read_weights(ckpt)
     try:
         missing, unexpected = module.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
