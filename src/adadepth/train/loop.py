@@ -187,7 +187,8 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
             with par.micro_step(sync=micro == train_cfg.grad_accum - 1):
                 with autocast(device, train_cfg.amp):
                     out = par.model(x.to(device), y.to(device), step)
-                (out.loss / train_cfg.grad_accum).backward()
+                if out.loss.requires_grad:  # e.g. all-full routing: no trainable module ran
+                    (out.loss / train_cfg.grad_accum).backward()
             loss_sum += out.loss.item() / train_cfg.grad_accum
             flops += out.flops
             for k, v in out.metrics.items():
