@@ -48,3 +48,12 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path
     cfg = validate(PretrainConfig, apply_overrides(base, TINY_OVERRIDES))
     pretrain(cfg, out, show_progress=False)
     return out
+
+
+def corpus_file(tmp_path_factory: pytest.TempPathFactory, chars: int) -> Path:
+    """The first `chars` characters of tiny-shakespeare as a local .txt corpus."""
+    from adadepth.data.corpora import tiny_shakespeare_text
+
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(tiny_shakespeare_text()[:chars])
+    return path

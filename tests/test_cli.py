@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import corpus_file
 
 from adadepth.cli import main
 
@@ -37,11 +38,7 @@ def assert_user_error(capsys: pytest.CaptureFixture, *argv: str, match: str = ""
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adadepth.data.corpora import tiny_shakespeare_text
-
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text(tiny_shakespeare_text()[:60_000])
-    return path
+    return corpus_file(tmp_path_factory, 60_000)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import corpus_file
 from safetensors.torch import load_file
 
 from adadepth.cli import main
@@ -69,11 +70,7 @@ def assert_same_losses(run: Path, reference: Path, steps: range, key: str = "los
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adadepth.data.corpora import tiny_shakespeare_text
-
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text(tiny_shakespeare_text()[:200_000])
-    return path
+    return corpus_file(tmp_path_factory, 200_000)
 
 
 @pytest.fixture(scope="module")
