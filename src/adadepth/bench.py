@@ -67,8 +67,11 @@ def set_routing(model: RoutedModel, budget: float, thresholds: list[float]) -> N
 def calibrate_budgets(model: RoutedModel, windows: Tensor,
                       budgets: list[float]) -> dict[float, list[float]]:
     """Causal thresholds per budget, each from its own pass over the held-out windows."""
-    return {b: (set_routing(model, b, [float("nan")] * len(model.routers)),
-                model.calibrate([windows]))[1] for b in budgets}
+    thresholds = {}
+    for b in budgets:
+        set_routing(model, b, [float("nan")] * len(model.routers))
+        thresholds[b] = model.calibrate([windows])
+    return thresholds
 
 
 def synchronize(device: torch.device) -> None:
