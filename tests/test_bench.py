@@ -1,0 +1,36 @@
+"""`adadepth bench` end to end on a tiny routed run: the machine-readable rows and the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adadepth.cli import main
+
+KEYS = {"phase", "budget", "batch", "tokens_per_s_dense", "tokens_per_s_routed",
+        "ideal_speedup", "measured_speedup"}
+
+
+def test_bench_writes_rows_for_every_phase_batch_and_budget(tiny_backbone: Path,
+                                                           tmp_path: Path) -> None:
+    routed = tmp_path / "routed"
+    assert main(["route", "--backbone", str(tiny_backbone), "--steps", "2", "--out", str(routed),
+                 "train.eval_batches=1", "routing.calibration_windows=8"]) == 0
+    out = tmp_path / "bench"
+    assert main(["bench", str(routed), "--budgets", "1.0,0.5", "--prefill-batch", "2",
+                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "4",
+                 "--reps", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {(r["phase"], r["batch"], r["budget"]) for r in rows} == {
+        (phase, batch, budget) for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2))
+        for budget in (1.0, 0.5)}
+    for r in rows:
+        assert KEYS <= set(r) and r["tokens_per_s_dense"] > 0 and r["tokens_per_s_routed"] > 0
+        assert (r["full_fraction"] == 1.0) == (r["budget"] == 1.0)
+    ideal = {(r["phase"], r["batch"], r["budget"]): r["ideal_speedup"] for r in rows}
+    for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2)):
+        # fewer full tokens, fewer FLOPs; at 1.0 the gate is pure overhead
+        assert ideal[phase, batch, 0.5] > ideal[phase, batch, 1.0]
+        assert ideal[phase, batch, 1.0] < 1.0
+    assert (out / "bench.png").stat().st_size > 1000
+    assert main(["bench", str(routed), "--budgets", "0"]) == 2
