@@ -145,10 +145,13 @@ class FixedScores(Gate):
         return self.scores
 
 
+@pytest.mark.parametrize("center", ["boundary", "none"])
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
-def test_ratio_estimator_gradient_is_d_log_p(dispatch: str) -> None:
-    """Value unchanged; d out_t / d s_t = out_t (1 - sigma) if full, -out_t sigma if cheap."""
+def test_ratio_estimator_gradient_is_d_log_p(dispatch: str, center: str) -> None:
+    """Value unchanged; d out_t / d s_t = out_t (1 - sigma) if full, -out_t sigma if cheap,
+    with sigma read at s minus the top-k boundary (k = 4 of 7: midway between 0.5 and -1)."""
     r = router(dispatch=dispatch)
+    r.center = center
     scores = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.5, 120.0, -120.0]])  # incl. saturated ones
     r.gate = FixedScores(scores)
     u, weight = inputs(1, 7), inputs(1, 7, seed=3)
@@ -157,11 +160,25 @@ def test_ratio_estimator_gradient_is_d_log_p(dispatch: str) -> None:
     mask = topk_mask(scores, 0.5)
     with torch.no_grad():
         executed = per_token_reference(r, u, mask)
-        p = torch.sigmoid(scores)
+        p = torch.sigmoid(scores - (-0.25 if center == "boundary" else 0.0))
         expected = (executed * weight).sum(-1) * torch.where(mask, 1 - p, -p)
     torch.testing.assert_close(out.detach(), executed)
     assert torch.isfinite(r.gate.scores.grad).all()
     torch.testing.assert_close(r.gate.scores.grad, expected)
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "ratio"])
+def test_boundary_centred_gradient_ignores_a_common_shift(estimator: str) -> None:
+    """Top-k ignores a shift of every score, and so does the centred surrogate: scores pushed to
+    +50 (where a raw sigma has no gradient left) train the gate as scores around 0 do."""
+    grads = []
+    for shift in (0.0, 50.0):
+        r = router(dispatch="auto", estimator=estimator)
+        r.gate = FixedScores(torch.tensor([[0.3, -1.0, 0.8, -0.2, 1.5, 0.1]]) + shift)
+        (r.train()(inputs(1, 6)) * inputs(1, 6, seed=3)).sum().backward()
+        grads.append(r.gate.scores.grad)
+    assert grads[0].abs().min() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_topk_count_rounds_up_without_float_noise() -> None:

@@ -168,6 +168,9 @@ class RoutingConfig(Strict):
     d_z: PositiveInt = 64
     gate_hidden: PositiveInt | None = Field(None, description="None = 4*d_z")
     estimator: Literal["straight_through", "ratio"] = "straight_through"
+    surrogate_center: Literal["boundary", "none"] = Field(
+        "boundary", description="the estimator's sigma() reads the score minus the decision "
+        "boundary (top-k edge or threshold), or the raw score")
     dispatch: Literal["auto", "dense", "sparse"] = "auto"
     inference: Literal["threshold", "predictor"] = "threshold"
     aux: list[Literal["util", "rank", "jepa"]] = Field(default_factory=lambda: ["util", "rank"])

@@ -11,7 +11,10 @@ decides full or cheap under the full-path budget b, and computes only what it de
   token and mixes (needed by the straight-through estimator, kept for comparison);
 - the gate's gradient through the hard decision: straight-through (forward m, backward
   sigma(s)), or the ratio estimator that scales each executed path by sigma/sg(sigma) or
-  (1-sigma)/sg(1-sigma), which needs only the executed path.
+  (1-sigma)/sg(1-sigma), which needs only the executed path. Both read s relative to the
+  decision boundary (`surrogate_center: boundary`, the default): top-k and thresholds ignore a
+  shift of every score, so the LM gradient, which pushes all scores up wherever the full path
+  helps, would otherwise drive sigma(s) into saturation and its own gradient to zero.
 
 `RoutedModel` installs RoutedFFNs into any backbone with the layer-stack interface
 (`prepare` / `run_layer` / `head` / `get_ffn` / `set_ffn`), ours or a Hugging Face adapter.
@@ -55,9 +58,18 @@ def topk_count(T: int, budget: float) -> int:
 
 def topk_mask(score: Tensor, budget: float) -> Tensor:
     """Exactly k = ceil(b*T) full tokens in every sequence."""
-    k = topk_count(score.shape[-1], budget)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    return mask.scatter(-1, score.topk(k, dim=-1, sorted=False).indices, True)
+    return topk_route(score, budget)[0]
+
+
+def topk_route(score: Tensor, budget: float) -> tuple[Tensor, Tensor]:
+    """The top-k mask and each row's decision boundary, (B, 1): midway between the k-th and
+    the (k+1)-th largest score (the k-th itself when every token is full)."""
+    T = score.shape[-1]
+    k = topk_count(T, budget)
+    top = score.topk(min(k + 1, T), dim=-1, sorted=True)
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter(-1, top.indices[..., :k], True)
+    edge = top.values[..., k - 1:k + 1]
+    return mask, edge.mean(-1, keepdim=True)
 
 
 @dataclass
@@ -67,6 +79,7 @@ class Route:
     mask: Tensor  # (B, T) bool, True = full path
     per_row: int | None = None  # every row has exactly this many full tokens (top-k)
     uniform: bool | None = None  # every token takes the same path (True = full)
+    boundary: Tensor | float = 0.0  # the score at which the decision flips, (B, 1) or scalar
 
 
 def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
@@ -82,10 +95,11 @@ def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
 class RoutedFFN(nn.Module):
     def __init__(self, full: nn.Module, cheap: nn.Module, gate: Gate, budget: float,
                  estimator: str = "straight_through", dispatch: str = "auto",
-                 predictor: nn.Module | None = None) -> None:
+                 predictor: nn.Module | None = None, center: str = "boundary") -> None:
         super().__init__()
         self.full, self.cheap, self.gate = full, cheap, gate
         self.budget, self.estimator, self.dispatch = budget, estimator, dispatch
+        self.center = center  # "boundary": the surrogate reads s - boundary; "none": s itself
         self.predictor = predictor  # causal imitation of top-k; None = threshold the score
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.decision: Decision = "auto"
@@ -107,8 +121,9 @@ class RoutedFFN(nn.Module):
             decision = "topk" if self.training else "causal"
         if decision == "topk":
             k = topk_count(score.shape[-1], self.budget)
-            return Route(topk_mask(score.detach(), self.budget), per_row=k,
-                         uniform=True if k == score.shape[-1] else None)
+            mask, boundary = topk_route(score.detach(), self.budget)
+            return Route(mask, per_row=k, uniform=True if k == score.shape[-1] else None,
+                         boundary=boundary)
         if self.budget >= 1:  # every token full whatever its score: no threshold to compare
             if decision == "calibrate":
                 self.threshold.fill_(float("-inf"))
@@ -121,7 +136,7 @@ class RoutedFFN(nn.Module):
             self.threshold.fill_(q.item())
         elif torch.isnan(self.threshold):
             raise UserError("causal routing needs calibrated thresholds; run calibrate() first")
-        return Route(causal > self.threshold)
+        return Route(causal > self.threshold, boundary=self.threshold)
 
     # -- computing ----------------------------------------------------------------------------
     def use_sparse(self, needs_gate_grad: bool) -> bool:
@@ -133,10 +148,13 @@ class RoutedFFN(nn.Module):
         score = self.gate(u)
         route = self.decide(u, score)
         grad = torch.is_grad_enabled() and score.requires_grad and self.force is None
+        logit = None  # what the surrogate sigma() reads; None = no gradient to the gate
+        if grad:
+            logit = score - route.boundary if self.center == "boundary" else score
         if self.use_sparse(grad):
-            out = self._sparse(u, route, score if grad else None)
+            out = self._sparse(u, route, logit)
         else:
-            out = self._dense(u, route.mask, score if grad else None)
+            out = self._dense(u, route.mask, logit)
         self.record = RouteRecord(score=score, mask=route.mask,
                                   outcome=out if self.keep_outcome else None,
                                   u=u if self.predictor is not None else None)
@@ -223,7 +241,8 @@ class RoutedModel(nn.Module):
             predictor = nn.Linear(d, 1) if cfg.inference == "predictor" else None
             router = RoutedFFN(backbone.get_ffn(i), build("cheap", cfg.cheap, d_model=d,
                                                           d_ff=d_ff, rank=cfg.rank),
-                               gate, cfg.budget, cfg.estimator, cfg.dispatch, predictor)
+                               gate, cfg.budget, cfg.estimator, cfg.dispatch, predictor,
+                               cfg.surrogate_center)
             router.keep_outcome = "jepa" in cfg.aux
             backbone.set_ffn(i, router)
             self.routers.append(router)
