@@ -161,8 +161,25 @@ def train_g3_predictions_variance(aux: list[str], steps: int = 60) -> float:
         opt.zero_grad()
     with torch.no_grad():
         model(batch(seed=999)[0])
-    zhat = torch.stack([r.gate.last_predictions for r in model.routers])
+    zhat = torch.stack([r.record.predictions for r in model.routers])
     return zhat.flatten(1, 2).var(1).mean().item()
+
+
+@pytest.mark.parametrize("oracle_layers", [0, 1])
+@pytest.mark.parametrize("oracle", ["off_policy", "on_policy"])
+def test_jepa_loss_reads_the_training_forward_not_the_oracle_passes(oracle, oracle_layers):
+    """The oracle's counterfactual passes run the gates again, without gradient; the JEPA term
+    must still be the training forward's, with its gradient, as when no oracle runs at all.
+    util and rank are weighted 0, so both objectives are LM + JEPA and their gradients agree."""
+    x, y = batch()
+    grads = []
+    for aux in (["util", "rank", "jepa"], ["jepa"]):
+        model = routed(gate="g3", aux=aux, oracle=oracle, oracle_layers=oracle_layers,
+                       lambda_util=0.0, lambda_rank=0.0)
+        loss = RoutingObjective(model, seed=0)(x, y, 0).loss
+        grads.append(torch.autograd.grad(loss, [r.gate.action_emb.weight for r in model.routers]))
+    for with_oracle, without in zip(*grads, strict=True):
+        torch.testing.assert_close(with_oracle, without)
 
 
 def test_removing_jepa_lowers_prediction_variance():
@@ -189,9 +206,8 @@ def test_flops_proxy_matches_closed_form():
     for layer in model.layers:
         rest = L - layer
         for forced_cost in (full, cheap):
-            later_routed = sum(1 for i in model.layers if i > layer)
-            oracle += head + rest * attn + gate + forced_cost \
-                + (rest - 1) * full + later_routed * gate
+            # off-policy: later layers forced full; forced layers do not run their gates
+            oracle += head + rest * attn + forced_cost + (rest - 1) * full
     expected = 3 * main + oracle
     got = objective.training_flops(T, [0.5] * 3, True, model.layers)
     assert got == pytest.approx(expected, rel=1e-9)
@@ -216,6 +232,7 @@ def test_inference_flops_count_only_executed_paths():
     ({"layers": [7]}, "must be distinct"),
     ({"gate": "g9"}, "unknown gate"),
     ({"gate": "g1", "aux": ["jepa"]}, "no predictor"),
+    ({"gate": "random"}, "no parameters for the util/rank"),  # default aux: util, rank
     ({"estimator": "straight_through", "dispatch": "sparse"}, "straight-through"),
 ])
 def test_bad_routing_configs_are_user_errors(kwargs, message):
@@ -224,7 +241,7 @@ def test_bad_routing_configs_are_user_errors(kwargs, message):
 
 
 def test_static_gate_runs_fixed_layers_full_at_the_budget():
-    model = routed(gate="static", budget=2 / 3).eval()
+    model = routed(gate="static", budget=2 / 3, aux=[]).eval()
     with torch.no_grad():
         model(batch()[0])
     assert sorted(model.full_fractions()) == [0.0, 1.0, 1.0]

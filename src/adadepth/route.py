@@ -88,8 +88,10 @@ class RoutingObjective(nn.Module):
                     loss = loss + weight * term
                     metrics[f"{name}_loss"] = term.item()
         if "jepa" in cfg.aux:
-            term = torch.stack([r.gate.alignment_loss(r.record.mask, r.record.outcome)
-                                for r in m.routers]).mean()
+            term = torch.stack([r.gate.alignment_loss(records[layer].predictions,
+                                                      records[layer].mask,
+                                                      records[layer].outcome)
+                                for layer, r in zip(m.layers, m.routers, strict=True)]).mean()
             loss = loss + cfg.lambda_jepa * term
             metrics["jepa_loss"] = term.item()
         if cfg.inference == "predictor":
@@ -125,9 +127,9 @@ class RoutingObjective(nn.Module):
             if r is None:
                 return full
             cheap = fl.module_flops(r.cheap)
+            if forced is not None:  # an oracle counterfactual: the gate is not run
+                return full if forced else cheap
             gate = fl.module_flops(r.gate) + (fl.module_flops(r.predictor) if r.predictor else 0)
-            if forced is not None:
-                return gate + (full if forced else cheap)
             if r.gate.needs_grad and not r.use_sparse(True):  # dense mixture: both paths run
                 return gate + full + cheap
             return gate + frac[layer] * full + (1 - frac[layer]) * cheap
@@ -196,8 +198,8 @@ def validation_halves(data, block: int, count: int) -> tuple[Tensor, Tensor]:
 
 def prediction_variance(model: RoutedModel) -> float | None:
     """Across-token variance of G3's latent predictions in the last forward: ~0 means collapse."""
-    values = [r.gate.last_predictions.float().flatten(0, -3).var(0).mean().item()
-              for r in model.routers if getattr(r.gate, "last_predictions", None) is not None]
+    values = [r.record.predictions.float().flatten(0, -3).var(0).mean().item()
+              for r in model.routers if r.record and r.record.predictions is not None]
     return sum(values) / len(values) if values else None
 
 

@@ -24,7 +24,7 @@ class Gate(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def alignment_loss(self, mask: Tensor, outcome: Tensor) -> Tensor:
+    def alignment_loss(self, predictions: Tensor, mask: Tensor, outcome: Tensor) -> Tensor:
         raise NotImplementedError
 
 
@@ -85,9 +85,12 @@ class JEPAGate(Gate):
         self.last_predictions = zhat
         return self.readout(zhat[..., FULL, :] - zhat[..., CHEAP, :]).squeeze(-1)
 
-    def alignment_loss(self, mask: Tensor, outcome: Tensor) -> Tensor:
-        """Mean over executed (token, action) pairs of ||zhat_{t,a} - sg(T(outcome_t))||^2 / d_z."""
-        zhat = self.last_predictions
+    def alignment_loss(self, predictions: Tensor, mask: Tensor, outcome: Tensor) -> Tensor:
+        """Mean over executed (token, action) pairs of ||zhat_{t,a} - sg(T(outcome_t))||^2 / d_z.
+
+        `predictions` are those of the forward that executed `mask` (its RouteRecord): the gate's
+        own last_predictions may since come from an oracle pass, without gradient."""
+        zhat = predictions
         executed = torch.where(mask.unsqueeze(-1), zhat[..., FULL, :], zhat[..., CHEAP, :])
         target = (outcome.detach().float() @ self.target_proj.t()).to(executed.dtype)
         return (executed - target).pow(2).mean()

@@ -45,10 +45,12 @@ Decision = Literal["auto", "topk", "causal", "calibrate"]
 class RouteRecord:
     """What one routed forward decided, for the auxiliary losses and the metrics."""
 
-    score: Tensor  # (B, T) gate scores, with gradient when the gate trains
+    score: Tensor | None  # (B, T) gate scores, with gradient when the gate trains; None when
+    # the decision could not depend on them and the gate did not run
     mask: Tensor  # (B, T) bool, True = full path
     outcome: Tensor | None  # (B, T, d) executed FFN output, when kept for the JEPA loss
     u: Tensor | None  # (B, T, d) normalised input, when kept for the causal predictor
+    predictions: Tensor | None = None  # (B, T, 2, d_z) G3's latent predictions, this forward's
 
 
 def topk_count(T: int, budget: float) -> int:
@@ -111,24 +113,29 @@ class RoutedFFN(nn.Module):
     def causal_score(self, u: Tensor, score: Tensor) -> Tensor:
         return score if self.predictor is None else self.predictor(u.detach()).squeeze(-1)
 
+    def resolved_decision(self) -> Decision:
+        if self.decision == "auto":
+            return "topk" if self.training else "causal"
+        return self.decision
+
+    def uniform_decision(self) -> bool | None:
+        """The path of every token when no score can change it (True = full), else None:
+        oracle counterfactuals, constant gates, and causal routing at budget 1."""
+        if self.force is not None:
+            return self.force
+        if self.gate.fixed is not None:
+            return self.gate.fixed
+        if self.budget >= 1 and self.resolved_decision() != "topk":
+            return True
+        return None
+
     def decide(self, u: Tensor, score: Tensor) -> Route:
-        if self.force is not None or self.gate.fixed is not None:
-            full = bool(self.gate.fixed if self.force is None else self.force)
-            return Route(torch.full(score.shape, full, dtype=torch.bool, device=score.device),
-                         uniform=full)
-        decision = self.decision
-        if decision == "auto":
-            decision = "topk" if self.training else "causal"
+        decision = self.resolved_decision()
         if decision == "topk":
             k = topk_count(score.shape[-1], self.budget)
             mask, boundary = topk_route(score.detach(), self.budget)
             return Route(mask, per_row=k, uniform=True if k == score.shape[-1] else None,
                          boundary=boundary)
-        if self.budget >= 1:  # every token full whatever its score: no threshold to compare
-            if decision == "calibrate":
-                self.threshold.fill_(float("-inf"))
-            return Route(torch.ones(score.shape, dtype=torch.bool, device=score.device),
-                         uniform=True)
         causal = self.causal_score(u, score).detach()
         if decision == "calibrate":
             # The (1-b) quantile of this layer's scores, given the thresholds already set below.
@@ -145,6 +152,16 @@ class RoutedFFN(nn.Module):
         return not (needs_gate_grad and self.estimator == "straight_through")
 
     def forward(self, u: Tensor) -> Tensor:
+        full = self.uniform_decision()
+        if full is not None:  # the gate is not run: its score could not change anything
+            if self.decision == "calibrate":  # every score passes
+                self.threshold.fill_(float("-inf") if full else float("inf"))
+            out = (self.full if full else self.cheap)(u).to(u.dtype)
+            self.record = RouteRecord(
+                score=None, mask=torch.full(u.shape[:-1], full, dtype=torch.bool, device=u.device),
+                outcome=out if self.keep_outcome else None,
+                u=u if self.predictor is not None else None)
+            return out
         score = self.gate(u)
         route = self.decide(u, score)
         grad = torch.is_grad_enabled() and score.requires_grad and self.force is None
@@ -157,7 +174,8 @@ class RoutedFFN(nn.Module):
             out = self._dense(u, route.mask, logit)
         self.record = RouteRecord(score=score, mask=route.mask,
                                   outcome=out if self.keep_outcome else None,
-                                  u=u if self.predictor is not None else None)
+                                  u=u if self.predictor is not None else None,
+                                  predictions=getattr(self.gate, "last_predictions", None))
         return out
 
     def _dense(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
@@ -225,8 +243,12 @@ class RoutedModel(nn.Module):
                             "set routing.layers explicitly")
         if any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise UserError(f"controlled layers {self.layers} must be distinct, in 0..{n - 1}")
-        if "jepa" in cfg.aux and not build("gate", cfg.gate, d_model=8).has_predictor:
+        probe = build("gate", cfg.gate, d_model=8)
+        if "jepa" in cfg.aux and not probe.has_predictor:
             raise UserError(f"gate {cfg.gate!r} has no predictor to take the jepa loss")
+        if {"util", "rank"} & set(cfg.aux) and not probe.needs_grad:
+            raise UserError(f"gate {cfg.gate!r} has no parameters for the util/rank losses to "
+                            "train; pass --aux none")
         if cfg.estimator == "straight_through" and cfg.dispatch == "sparse":
             raise UserError("the straight-through estimator needs dispatch dense (or auto); "
                             "use estimator=ratio for sparse training")
@@ -348,9 +370,10 @@ class RoutedModel(nn.Module):
         total = sum(dense.values())
         for r, f in zip(self.routers, fractions, strict=True):
             total += (f - 1) * per_layer_ffn + (1 - f) * fl.module_flops(r.cheap)
-            total += fl.module_flops(r.gate)
-            if r.predictor is not None:
-                total += fl.module_flops(r.predictor)
+            if r.gate.fixed is None and r.budget < 1:  # otherwise the gate is not run
+                total += fl.module_flops(r.gate)
+                if r.predictor is not None:
+                    total += fl.module_flops(r.predictor)
         return total
 
     @torch.no_grad()
