@@ -204,3 +204,17 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_route_data_override_keeps_the_backbones_other_data_settings(
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    """`data.block_size=N` on a route overrides that key alone; the rest is the backbone's."""
+    out = tmp_path / "routed"
+    assert main(["route", "--backbone", str(tiny_backbone), "--steps", "1", "--out", str(out),
+                 "data.block_size=24", "train.eval_batches=1",
+                 "routing.calibration_windows=4"]) == 0
+    routed = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    backbone = json.loads((tiny_backbone / "config.json").read_text())["data"]
+    assert routed["block_size"] == 24
+    assert {k: v for k, v in routed.items() if k != "block_size"} == {
+        k: v for k, v in backbone.items() if k != "block_size"}

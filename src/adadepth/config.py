@@ -119,7 +119,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, value = parse_override(item)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an optional section left unset (None) starts empty
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {part!r} is not a section")
         node[path[-1]] = value

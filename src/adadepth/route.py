@@ -239,7 +239,9 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     backbone = load_backbone(cfg.backbone, str(device))
-    data_cfg = cfg.data or DataConfig(**backbone.meta.get("data", {}))
+    # The backbone's data settings, with the keys this config set on top (data.block_size=...).
+    given = cfg.data.model_dump(exclude_unset=True) if cfg.data else {}
+    data_cfg = DataConfig(**{**backbone.meta.get("data", {}), **given})
     cfg.data = data_cfg
     block = min(data_cfg.block_size, backbone.model.cfg.max_seq_len)
     corpus = load_corpus(data_cfg.corpus, val_fraction=data_cfg.val_fraction,
