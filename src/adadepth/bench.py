@@ -42,7 +42,7 @@ class BenchSpec:
     prefill_len: int = 512
     decode_batches: tuple[int, ...] = (1, 8)
     decode_tokens: int = 128
-    reps: int = 5
+    reps: int = 3
     compile: bool = False
 
 

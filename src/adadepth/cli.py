@@ -197,7 +197,7 @@ def build_parser() -> Parser:
     p.add_argument("--prefill-len", type=positive_int, default=512)
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--decode-tokens", type=positive_int, default=128)
-    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--reps", type=positive_int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="where bench.json/bench.png go (default: the run folder)")

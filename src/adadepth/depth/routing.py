@@ -243,7 +243,8 @@ class RoutedModel(nn.Module):
                             "set routing.layers explicitly")
         if any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise UserError(f"controlled layers {self.layers} must be distinct, in 0..{n - 1}")
-        probe = build("gate", cfg.gate, d_model=8)
+        with torch.random.fork_rng():  # the probe must not shift the real gates' init
+            probe = build("gate", cfg.gate, d_model=8)
         if "jepa" in cfg.aux and not probe.has_predictor:
             raise UserError(f"gate {cfg.gate!r} has no predictor to take the jepa loss")
         if {"util", "rank"} & set(cfg.aux) and not probe.needs_grad:
