@@ -225,6 +225,22 @@ def test_inference_flops_count_only_executed_paths():
     gate = sum(fl.module_flops(r.gate) for r in model.routers)
     got = model.inference_flops_per_token(ctx, [0.5, 0.5, 0.5])
     assert got == pytest.approx(dense - 3 * 0.5 * full + 3 * 0.5 * cheap + gate)
+    # At budget 1 every token is full whatever its score, and the gate is not run.
+    assert model.inference_flops_per_token(ctx, [1.0] * 3, budget=1.0) == pytest.approx(dense)
+
+
+def test_budget_one_inference_skips_the_gate():
+    model = routed(gate="g1", budget=1.0).eval()
+    calls = []
+    for r in model.routers:
+        r.gate.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        out = model(batch()[0]).logits
+        for layer, r in zip(model.layers, model.routers, strict=True):
+            model.backbone.set_ffn(layer, r.full)
+        dense = model.backbone(batch()[0]).logits
+    assert not calls
+    torch.testing.assert_close(out, dense)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -194,7 +194,7 @@ def make_rows(model: RoutedModel, phase: str, tokens: int, batch: int, context: 
     dense_flops = sum(fl.forward_per_token(model.cfg, context).values())
     rows = []
     for b, seconds in routed_s.items():
-        ideal = dense_flops / model.inference_flops_per_token(context, fractions[b])
+        ideal = dense_flops / model.inference_flops_per_token(context, fractions[b], b)
         measured = dense_s / seconds
         rows.append({"phase": phase, "budget": b, "batch": batch, "compiled": compiled,
                      "tokens_per_s_dense": tokens / dense_s,

@@ -364,14 +364,17 @@ class RoutedModel(nn.Module):
         """Realised full fraction per controlled layer in the last forward."""
         return [r.record.mask.float().mean().item() for r in self.routers]
 
-    def inference_flops_per_token(self, context: float, fractions: list[float]) -> float:
-        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes)."""
+    def inference_flops_per_token(self, context: float, fractions: list[float],
+                                  budget: float | None = None) -> float:
+        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes),
+        under causal routing at `budget` (default: each layer's own)."""
         dense = fl.forward_per_token(self.cfg, context)
         per_layer_ffn = dense["ffn"] / self.cfg.n_layers
         total = sum(dense.values())
         for r, f in zip(self.routers, fractions, strict=True):
             total += (f - 1) * per_layer_ffn + (1 - f) * fl.module_flops(r.cheap)
-            if r.gate.fixed is None and r.budget < 1:  # otherwise the gate is not run
+            if r.gate.fixed is None and (r.budget if budget is None else budget) < 1:
+                # at budget 1 (or with a constant gate) no score is needed: the gate is not run
                 total += fl.module_flops(r.gate)
                 if r.predictor is not None:
                     total += fl.module_flops(r.predictor)
