@@ -4,7 +4,8 @@ beside the ideal speedup from the analytic FLOPs (DESIGN.md section 5).
 The dense baseline is the same backbone with its original FFN modules put back (shared weights,
 so both sit in the same memory). Each round times the dense model and then the routed model at
 every budget, in one process, so drift of a shared machine hits all of them alike; the first
-round is a warm-up and the median of the others is reported. Thresholds are re-calibrated per
+round is a warm-up. Tokens/s are medians over the other rounds; the measured speedup is the
+median over rounds of the dense/routed time ratio within a round. Thresholds are re-calibrated per
 budget on held-out windows, and the ideal speedup uses the full fractions the routed model
 actually realised on the timed inputs.
 
@@ -130,8 +131,10 @@ def realised_fractions(model: RoutedModel, job: Job) -> list[float]:
 def interleaved(model: RoutedModel, make: Callable[[torch.nn.Module], Job],
                 thresholds: dict[float, list[float]], reps: int,
                 device: torch.device, wrap: Callable[[torch.nn.Module], torch.nn.Module],
-                ) -> tuple[float, dict[float, float], dict[float, list[float]]]:
-    """Median seconds of dense and of each budget, timed in rounds after one warm-up round."""
+                ) -> tuple[float, dict[float, float], dict[float, float], dict[float, list[float]]]:
+    """Timed in rounds after one warm-up round: median seconds of dense and of each budget, and
+    per budget the median over rounds of dense/routed within the same round (the speedup: a
+    pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
     runner = wrap(model)
     dense_times: list[float] = []
     routed_times: dict[float, list[float]] = {b: [] for b in thresholds}
@@ -149,8 +152,10 @@ def interleaved(model: RoutedModel, make: Callable[[torch.nn.Module], Job],
             t = timed(make(runner), device)
             if rnd:
                 routed_times[b].append(t)
+    speedups = {b: statistics.median(d / r for d, r in zip(dense_times, ts, strict=True))
+                for b, ts in routed_times.items()}
     return (statistics.median(dense_times),
-            {b: statistics.median(ts) for b, ts in routed_times.items()}, fractions)
+            {b: statistics.median(ts) for b, ts in routed_times.items()}, speedups, fractions)
 
 
 def run_bench(model: RoutedModel, text: Tensor, calib: Tensor, spec: BenchSpec,
@@ -188,14 +193,15 @@ def run_bench(model: RoutedModel, text: Tensor, calib: Tensor, spec: BenchSpec,
 
 
 def make_rows(model: RoutedModel, phase: str, tokens: int, batch: int, context: float,
-              result: tuple[float, dict[float, float], dict[float, list[float]]],
+              result: tuple[float, dict[float, float], dict[float, float],
+                            dict[float, list[float]]],
               compiled: bool) -> list[dict[str, Any]]:
-    dense_s, routed_s, fractions = result
+    dense_s, routed_s, speedups, fractions = result
     dense_flops = sum(fl.forward_per_token(model.cfg, context).values())
     rows = []
     for b, seconds in routed_s.items():
         ideal = dense_flops / model.inference_flops_per_token(context, fractions[b], b)
-        measured = dense_s / seconds
+        measured = speedups[b]
         rows.append({"phase": phase, "budget": b, "batch": batch, "compiled": compiled,
                      "tokens_per_s_dense": tokens / dense_s,
                      "tokens_per_s_routed": tokens / seconds,
