@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adadepth import flops as fl
+from adadepth.bench import dense_view
 from adadepth.config import ModelConfig, RoutingConfig
 from adadepth.depth.oracle import oracle_utilities, rank_loss, token_losses_from, util_loss
 from adadepth.depth.routing import RoutedModel, topk_mask
@@ -236,9 +237,8 @@ def test_budget_one_inference_skips_the_gate():
         r.gate.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         out = model(batch()[0]).logits
-        for layer, r in zip(model.layers, model.routers, strict=True):
-            model.backbone.set_ffn(layer, r.full)
-        dense = model.backbone(batch()[0]).logits
+        with dense_view(model):
+            dense = model(batch()[0]).logits
     assert not calls
     torch.testing.assert_close(out, dense)
 

@@ -164,7 +164,7 @@ class RoutedFFN(nn.Module):
             return out
         score = self.gate(u)
         route = self.decide(u, score)
-        grad = torch.is_grad_enabled() and score.requires_grad and self.force is None
+        grad = torch.is_grad_enabled() and score.requires_grad  # forced passes returned above
         logit = None  # what the surrogate sigma() reads; None = no gradient to the gate
         if grad:
             logit = score - route.boundary if self.center == "boundary" else score
