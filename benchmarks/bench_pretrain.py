@@ -19,7 +19,7 @@ from pathlib import Path
 
 from adadepth.config import PretrainConfig, preset, validate
 from adadepth.eval import evaluate_run
-from adadepth.pretrain import pretrain
+from adadepth.jobs.pretrain import pretrain
 from adadepth.runs import load_run
 
 TARGET_VAL_LOSS = 1.92

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from adadepth.bench import bench_training
+from adadepth.bench import synchronize
 from adadepth.cli import main as cli
 from adadepth.data import load_corpus, prepare_tokens
+from adadepth.depth.routing import RoutedModel
+from adadepth.model import causal_lm_loss
 from adadepth.runs import load_run
 
 TRAIN_BATCH, TRAIN_LEN = 8, 256
@@ -34,6 +40,41 @@ TRAIN_BATCH, TRAIN_LEN = 8, 256
 def run(argv: list[str]) -> None:
     if cli(argv) != 0:
         raise SystemExit(f"adadepth {' '.join(argv)} failed")
+
+
+def bench_training(model: RoutedModel, x: Tensor, y: Tensor, reps: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Median seconds of one controller training step (top-k, forward, backward, AdamW) under
+    each estimator/dispatch pair, interleaved on the same model."""
+    modes = {"dense_straight_through": ("straight_through", "dense"),
+             "sparse_ratio": ("ratio", "sparse")}
+    saved = [(r.estimator, r.dispatch) for r in model.routers]
+    params = model.controller_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    model.train()
+    try:
+        for rnd in range(reps + 1):
+            for name, (estimator, dispatch) in modes.items():
+                for r in model.routers:
+                    r.estimator, r.dispatch = estimator, dispatch
+                synchronize(device)
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                causal_lm_loss(model(x).logits, y).backward()
+                opt.step()
+                synchronize(device)
+                if rnd:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        for r, (estimator, dispatch) in zip(model.routers, saved, strict=True):
+            r.estimator, r.dispatch = estimator, dispatch
+        model.eval()
+    med = {m: statistics.median(ts) for m, ts in times.items()}
+    return {"batch": x.shape[0], "seq_len": x.shape[1],
+            "budget": model.routers[0].budget,
+            "seconds_per_step": med,
+            "speedup_sparse_over_dense": med["dense_straight_through"] / med["sparse_ratio"]}
 
 
 def training_step(routed: Path, reps: int) -> dict:

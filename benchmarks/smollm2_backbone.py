@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from adadepth.config import DataConfig, RoutingConfig, TrainConfig, validate
+from adadepth.config import DataConfig, TrainConfig, validate
+from adadepth.depth.routing import RoutingConfig
 from adadepth.eval import evaluate_run
 from adadepth.hf import backbones
-from adadepth.route import RouteConfig, route
+from adadepth.jobs.route import RouteConfig, route
+from adadepth.runs import load_transformers
 from adadepth.train import checkpoint as ck
 
 RECIPES = {  # name -> routing options
@@ -57,7 +59,7 @@ def main() -> None:
     result["parameters"] = info["parameters"]
     result["safetensors_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     t0 = time.perf_counter()
-    backbones.load_backbone("smollm2-135m")
+    load_transformers("smollm2-135m")
     result["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

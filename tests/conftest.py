@@ -39,7 +39,7 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path
     Treat it as read-only; copy it first to change it.
     """
     from adadepth.config import PretrainConfig, apply_overrides, preset, validate
-    from adadepth.pretrain import pretrain
+    from adadepth.jobs.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("tiny-backbone")
     base = {"preset": "tiny", "model": preset("tiny").model_dump(),

@@ -9,8 +9,8 @@ import pytest
 
 from adadepth.cli import main
 
-KEYS = {"phase", "budget", "batch", "tokens_per_s_dense", "tokens_per_s_routed",
-        "ideal_speedup", "measured_speedup"}
+KEYS = {"phase", "budget", "batch", "tokens_per_s_dense", "tokens_per_s_method",
+        "ideal_speedup", "measured_speedup", "realised"}
 
 
 def test_bench_writes_rows_for_every_phase_batch_and_budget(tiny_backbone: Path,
@@ -27,8 +27,8 @@ def test_bench_writes_rows_for_every_phase_batch_and_budget(tiny_backbone: Path,
         (phase, batch, budget) for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2))
         for budget in (1.0, 0.5)}
     for r in rows:
-        assert KEYS <= set(r) and r["tokens_per_s_dense"] > 0 and r["tokens_per_s_routed"] > 0
-        assert (r["full_fraction"] == 1.0) == (r["budget"] == 1.0)
+        assert KEYS <= set(r) and r["tokens_per_s_dense"] > 0 and r["tokens_per_s_method"] > 0
+        assert (r["realised"]["full_fraction"] == 1.0) == (r["budget"] == 1.0)
     ideal = {(r["phase"], r["batch"], r["budget"]): r["ideal_speedup"] for r in rows}
     for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2)):
         # at 1.0 every token is full and the gate is not run: exactly the dense FLOPs

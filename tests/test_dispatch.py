@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from adadepth.config import ModelConfig, RoutingConfig
+from adadepth.config import ModelConfig
 from adadepth.depth.gates import Gate
 from adadepth.depth.registry import build
-from adadepth.depth.routing import RoutedFFN, RoutedModel, topk_count, topk_mask
+from adadepth.depth.routing import RoutedFFN, RoutedModel, RoutingConfig, topk_count, topk_mask
 from adadepth.generate import generate
 from adadepth.model import SwiGLU, Transformer
 

@@ -20,8 +20,7 @@ from conftest import corpus_file
 from safetensors.torch import load_file
 
 from adadepth.cli import main
-from adadepth.config import RoutingConfig
-from adadepth.depth.routing import RoutedModel
+from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.errors import UserError
 from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
@@ -208,3 +207,13 @@ def test_activation_checkpointing_keeps_gradients_and_undoes() -> None:
     assert all("forward" not in vars(b) for b in model.blocks)
     for a, b in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_ddp_with_a_constant_gate_whose_cheap_path_sits_out(tmp_path: Path,
+                                                            tiny_backbone: Path) -> None:
+    """The static gate runs one controlled layer all-full: its cheap FFN gets no gradient.
+    DDP must be told to expect unused parameters, or the second step fails."""
+    out = tmp_path / "static"
+    result = torchrun("route", "--backbone", str(tiny_backbone), "--gate", "static", "--aux",
+                      "none", "--steps", "3", "--parallel", "ddp", "--out", str(out), *ROUTE)
+    assert result["full_fraction_causal"] == [1.0, 0.0]

@@ -38,15 +38,15 @@ def test_shapes_and_layer_stack_interface() -> None:
     for i in range(model.n_layers):
         x = model.run_layer(i, x, ctx)
     torch.testing.assert_close(model.head(x), out.logits)
-    cache = model.new_cache(3, 20)
-    assert len(cache) == 3 and cache[0].k.shape == (3, 4, 20, 8)
+    cache = model.new_cache(3, 20)  # one slot more than asked for: scratch for padding
+    assert len(cache) == 3 and cache.k[0].shape == (3, 4, 21, 8)
 
 
 def test_grouped_query_attention_shapes() -> None:
     model = build(n_kv_heads=2)
     assert model.blocks[0].attn.k_proj.weight.shape == (2 * 8, 32)
     assert model(tokens(2, 7)).logits.shape == (2, 7, VOCAB)
-    assert model.new_cache(2)[0].k.shape == (2, 2, 64, 8)
+    assert model.new_cache(2).k[0].shape == (2, 2, 65, 8)
 
 
 def test_sequence_longer_than_context_is_refused() -> None:

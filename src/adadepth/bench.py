@@ -1,26 +1,26 @@
-"""`adadepth bench`: the routed model's measured wall-clock speedup over its dense backbone,
-beside the ideal speedup from the analytic FLOPs (DESIGN.md section 5).
+"""`adadepth bench`: any method's measured wall-clock speedup over its dense reference, beside
+the ideal speedup from the analytic FLOPs of what really ran.
 
-The dense baseline is the same backbone with its original FFN modules put back (shared weights,
-so both sit in the same memory). Each round times the dense model and then the routed model at
-every budget, in one process, so drift of a shared machine hits all of them alike; the first
-round is a warm-up. Tokens/s are medians over the other rounds; the measured speedup is the
-median over rounds of the dense/routed time ratio within a round. Thresholds are re-calibrated per
-budget on held-out windows, and the ideal speedup uses the full fractions the routed model
-actually realised on the timed inputs.
+The reference is the method's own (`Method.dense_reference`: routing puts the original FFNs
+back, pondering runs every pass, ...) on the same weights in the same memory. Each round times
+the reference and then the method at every setting of its cost knob, in one process, so drift
+of a shared machine hits all of them alike; the first round is a warm-up, and also measures
+what each setting really ran (untimed, under `Method.measure`). Tokens/s are medians over the
+other rounds; the measured speedup is the median over rounds of the reference/method time ratio
+within a round. Settings that need calibration (causal thresholds) are calibrated once, up
+front, on held-out windows other than the timed text.
 
-Decode is teacher-forced on held-out text: the prompt fills the KV cache (not timed), then each
-of the new tokens is one forward of a (batch, 1) input through the cache, logits included.
+Prefill is one forward of (batch, length) held-out tokens. Decode is greedy generation of new
+tokens after a 32-token prompt, with the KV cache (and the method's speculator, if it has one):
+the prompt's prefill is set-up, the new tokens are timed, logits and sampling included.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,50 +29,23 @@ import torch
 from torch import Tensor
 
 from adadepth import flops as fl
-from adadepth.depth.routing import RoutedModel
+from adadepth.depth import Method
 from adadepth.errors import UserError
+from adadepth.generate import Sampler, decode, speculative
 
 DECODE_PROMPT = 32
-CALIB_WINDOWS, CALIB_LEN = 16, 256  # 4096 held-out tokens per threshold set
+CALIB_WINDOWS, CALIB_LEN = 16, 256  # 4096 held-out tokens per calibrated setting
 
 
 @dataclass
 class BenchSpec:
-    budgets: list[float]
+    settings: list[float]
     prefill_batch: int = 8
     prefill_len: int = 512
     decode_batches: tuple[int, ...] = (1, 8)
-    decode_tokens: int = 128
+    decode_tokens: int = 256
     reps: int = 3
     compile: bool = False
-
-
-@contextlib.contextmanager
-def dense_view(model: RoutedModel) -> Iterator[None]:
-    """The backbone with its original FFNs at the controlled layers, for the duration."""
-    for layer, r in zip(model.layers, model.routers, strict=True):
-        model.backbone.set_ffn(layer, r.full)
-    try:
-        yield
-    finally:
-        for layer, r in zip(model.layers, model.routers, strict=True):
-            model.backbone.set_ffn(layer, r)
-
-
-def set_routing(model: RoutedModel, budget: float, thresholds: list[float]) -> None:
-    for r, t in zip(model.routers, thresholds, strict=True):
-        r.budget = budget
-        r.threshold.fill_(t)
-
-
-def calibrate_budgets(model: RoutedModel, windows: Tensor,
-                      budgets: list[float]) -> dict[float, list[float]]:
-    """Causal thresholds per budget, each from its own pass over the held-out windows."""
-    thresholds = {}
-    for b in budgets:
-        set_routing(model, b, [float("nan")] * len(model.routers))
-        thresholds[b] = model.calibrate([windows])
-    return thresholds
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,14 +61,25 @@ def prefill(model: torch.nn.Module, x: Tensor) -> Job:
     return (lambda: None), (lambda: model(x))
 
 
-def decode(model: torch.nn.Module, text: Tensor, n: int, cache: list) -> Job:
-    """Fill the cache with the prompt (set-up), then n cached single-token steps (timed)."""
+def decode_job(model: torch.nn.Module, prompt: Tensor, n: int) -> Job:
+    """Prefill the prompt into a fresh cache (set-up), then n greedy new tokens (timed)."""
+    speculator = getattr(model, "speculator", None)
+    extra = speculator.draft_tokens + 1 if speculator is not None else 0
+    state: dict[str, Any] = {}
 
-    def steps() -> None:
-        for t in range(DECODE_PROMPT, DECODE_PROMPT + n):
-            model(text[:, t:t + 1], cache, t)
+    def setup() -> None:
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n + extra)
+        state["cache"] = cache
+        state["logits"] = model(prompt, cache, 0).logits[:, -1]
 
-    return (lambda: model(text[:, :DECODE_PROMPT], cache, 0)), steps
+    def body() -> None:
+        if speculator is not None:
+            speculative(speculator, state["cache"], state["logits"], prompt.shape[1], n,
+                        Sampler())
+        else:
+            decode(model, state["cache"], state["logits"], prompt.shape[1], n, Sampler())
+
+    return setup, body
 
 
 def timed(job: Job, device: torch.device) -> float:
@@ -108,106 +92,102 @@ def timed(job: Job, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def realised_fractions(model: RoutedModel, job: Job) -> list[float]:
-    """Full fraction per controlled layer over the tokens the timed body routes (untimed run)."""
+def measured(model: Method, job: Job) -> tuple[Any, dict[str, Any]]:
+    """Run a job untimed under the method's measurement: (its Measurement, its summary)."""
     setup, body = job
     setup()
-    totals = torch.zeros(len(model.routers))
-    count = [0]
-    hooks = []
-    for j, r in enumerate(model.routers):
-        def hook(module, args, out, j=j) -> None:
-            totals[j] += module.record.mask.float().sum().item()
-            count[0] += module.record.mask.numel() if j == 0 else 0
-        hooks.append(r.register_forward_hook(hook))
-    try:
+    with model.measure() as m:
         body()
-    finally:
-        for h in hooks:
-            h.remove()
-    return (totals / max(count[0], 1)).tolist()
+    return m, m.summary()
 
 
-def interleaved(model: RoutedModel, make: Callable[[torch.nn.Module], Job],
-                thresholds: dict[float, list[float]], reps: int,
-                device: torch.device, wrap: Callable[[torch.nn.Module], torch.nn.Module],
-                ) -> tuple[float, dict[float, float], dict[float, float], dict[float, list[float]]]:
-    """Timed in rounds after one warm-up round: median seconds of dense and of each budget, and
-    per budget the median over rounds of dense/routed within the same round (the speedup: a
-    pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
+@dataclass
+class Timing:
+    reference_s: float
+    method_s: dict[float, float]
+    speedup: dict[float, float]
+    measurements: dict[float, Any]
+
+
+def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
+                settings: dict[float, Callable[[], None]], reps: int, device: torch.device,
+                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> Timing:
+    """Timed in rounds after one warm-up round: median seconds of the reference and of each
+    setting, and per setting the median over rounds of reference/method within the same round
+    (a pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
     runner = wrap(model)
-    dense_times: list[float] = []
-    routed_times: dict[float, list[float]] = {b: [] for b in thresholds}
-    fractions: dict[float, list[float]] = {}
+    reference: list[float] = []
+    times: dict[float, list[float]] = {v: [] for v in settings}
+    measurements: dict[float, Any] = {}
     for rnd in range(reps + 1):
-        with dense_view(model):
+        with model.dense_reference():
             t = timed(make(runner), device)
         if rnd:
-            dense_times.append(t)
-        order = list(thresholds) if rnd % 2 else list(reversed(thresholds))
-        for b in order:
-            set_routing(model, b, thresholds[b])
+            reference.append(t)
+        order = list(settings) if rnd % 2 else list(reversed(settings))
+        for value in order:
+            settings[value]()
             if rnd == 0:
-                fractions[b] = realised_fractions(model, make(model))
+                measurements[value] = measured(model, make(model))
             t = timed(make(runner), device)
             if rnd:
-                routed_times[b].append(t)
-    speedups = {b: statistics.median(d / r for d, r in zip(dense_times, ts, strict=True))
-                for b, ts in routed_times.items()}
-    return (statistics.median(dense_times),
-            {b: statistics.median(ts) for b, ts in routed_times.items()}, speedups, fractions)
+                times[value].append(t)
+    speedup = {v: statistics.median(r / m for r, m in zip(reference, ts, strict=True))
+               for v, ts in times.items()}
+    return Timing(statistics.median(reference),
+                  {v: statistics.median(ts) for v, ts in times.items()}, speedup, measurements)
 
 
-def run_bench(model: RoutedModel, text: Tensor, calib: Tensor, spec: BenchSpec,
+def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
               device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Rows of {phase, budget, batch, tokens/s dense and routed, ideal and measured speedup}."""
+    """Rows of {phase, batch, knob setting, tokens/s of reference and method, ideal and measured
+    speedup, what the method realised}."""
+    if model.knob is None:
+        raise UserError(f"method {model.name!r} has no cost knob to bench")
     model.eval()
-    saved = [(r.budget, r.threshold.item()) for r in model.routers]
+    restore = model.current_setting()
     rows: list[dict[str, Any]] = []
     try:
         with torch.inference_mode():
-            thresholds = calibrate_budgets(model, calib, spec.budgets)
+            settings = {v: model.knob_setter(v, calib) for v in spec.settings}
             for compiled in [False, True] if spec.compile else [False]:
                 wrap = compile_model if compiled else (lambda m: m)
                 x = text[:spec.prefill_batch, :spec.prefill_len]
                 log(f"prefill {tuple(x.shape)}{' compiled' if compiled else ''}")
-                result = interleaved(model, lambda m, x=x: prefill(m, x), thresholds, spec.reps,
+                timing = interleaved(model, lambda m, x=x: prefill(m, x), settings, spec.reps,
                                      device, wrap)
                 rows += make_rows(model, "prefill", x.numel(), x.shape[0],
-                                  fl.causal_context(spec.prefill_len), result, compiled)
+                                  fl.causal_context(spec.prefill_len), timing, compiled)
                 for batch in spec.decode_batches:
                     log(f"decode batch {batch}{' compiled' if compiled else ''}")
-                    cache = model.new_cache(batch, DECODE_PROMPT + spec.decode_tokens)
-                    seq = text[:batch, :DECODE_PROMPT + spec.decode_tokens]
-                    result = interleaved(model, lambda m, s=seq, c=cache: decode(
-                        m, s, spec.decode_tokens, c), thresholds, spec.reps, device, wrap)
+                    prompt = text[:batch, :DECODE_PROMPT]
+                    timing = interleaved(model, lambda m, p=prompt: decode_job(
+                        m, p, spec.decode_tokens), settings, spec.reps, device, wrap)
                     context = DECODE_PROMPT + (spec.decode_tokens + 1) / 2
                     rows += make_rows(model, "decode", batch * spec.decode_tokens, batch,
-                                      context, result, compiled)
+                                      context, timing, compiled)
     finally:
-        for r, (b, t) in zip(model.routers, saved, strict=True):
-            r.budget = b
-            r.threshold.fill_(t)
-    return {"rows": rows, "device": device_name(device), "threads": torch.get_num_threads(),
-            "reps": spec.reps, "decode_prompt": DECODE_PROMPT}
+        restore()
+    return {"method": model.name, "knob": model.knob.name, "rows": rows,
+            "device": device_name(device), "threads": torch.get_num_threads(),
+            "reps": spec.reps, "decode_prompt": DECODE_PROMPT,
+            "decode_tokens": spec.decode_tokens}
 
 
-def make_rows(model: RoutedModel, phase: str, tokens: int, batch: int, context: float,
-              result: tuple[float, dict[float, float], dict[float, float],
-                            dict[float, list[float]]],
-              compiled: bool) -> list[dict[str, Any]]:
-    dense_s, routed_s, speedups, fractions = result
-    dense_flops = sum(fl.forward_per_token(model.cfg, context).values())
+def make_rows(model: Method, phase: str, tokens: int, batch: int, context: float,
+              timing: Timing, compiled: bool) -> list[dict[str, Any]]:
+    reference_flops = model.reference_flops_per_token(context)
     rows = []
-    for b, seconds in routed_s.items():
-        ideal = dense_flops / model.inference_flops_per_token(context, fractions[b], b)
-        measured = speedups[b]
-        rows.append({"phase": phase, "budget": b, "batch": batch, "compiled": compiled,
-                     "tokens_per_s_dense": tokens / dense_s,
-                     "tokens_per_s_routed": tokens / seconds,
-                     "ideal_speedup": ideal, "measured_speedup": measured,
-                     "measured_over_ideal": measured / ideal,
-                     "full_fraction": sum(fractions[b]) / len(fractions[b])})
+    for value, seconds in timing.method_s.items():
+        measurement, summary = timing.measurements[value]
+        ideal = reference_flops / measurement.flops_per_token(context)
+        measured_speedup = timing.speedup[value]
+        rows.append({"phase": phase, "batch": batch, "knob": model.knob.name, "setting": value,
+                     model.knob.name: value, "compiled": compiled,
+                     "tokens_per_s_dense": tokens / timing.reference_s,
+                     "tokens_per_s_method": tokens / seconds,
+                     "ideal_speedup": ideal, "measured_speedup": measured_speedup,
+                     "measured_over_ideal": measured_speedup / ideal, "realised": summary})
     return rows
 
 
@@ -225,55 +205,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-# -- training step: sparse dispatch + ratio estimator vs dense mixture + straight-through -------
-def bench_training(model: RoutedModel, x: Tensor, y: Tensor, reps: int,
-                   device: torch.device) -> dict[str, Any]:
-    """Median seconds of one controller training step (top-k, forward, backward, AdamW) under
-    each estimator/dispatch pair, interleaved on the same model."""
-    from adadepth.model import causal_lm_loss
-
-    modes = {"dense_straight_through": ("straight_through", "dense"),
-             "sparse_ratio": ("ratio", "sparse")}
-    saved = [(r.estimator, r.dispatch) for r in model.routers]
-    params = model.controller_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    model.train()
-    try:
-        for rnd in range(reps + 1):
-            for name, (estimator, dispatch) in modes.items():
-                for r in model.routers:
-                    r.estimator, r.dispatch = estimator, dispatch
-                synchronize(device)
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                causal_lm_loss(model(x).logits, y).backward()
-                opt.step()
-                synchronize(device)
-                if rnd:
-                    times[name].append(time.perf_counter() - t0)
-    finally:
-        for r, (estimator, dispatch) in zip(model.routers, saved, strict=True):
-            r.estimator, r.dispatch = estimator, dispatch
-        model.eval()
-    med = {m: statistics.median(ts) for m, ts in times.items()}
-    return {"batch": x.shape[0], "seq_len": x.shape[1],
-            "budget": model.routers[0].budget,
-            "seconds_per_step": med,
-            "speedup_sparse_over_dense": med["dense_straight_through"] / med["sparse_ratio"]}
-
-
 # -- output ---------------------------------------------------------------------------------
+def headline(row: dict[str, Any]) -> str:
+    """The realised figure a method reports first (full fraction, passes, exit layer, ...)."""
+    realised = row["realised"]
+    key = next((k for k in realised if not isinstance(realised[k], list | dict)), None)
+    return f"{key}={realised[key]:.3g}" if key else ""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'phase':8} {'batch':>5} {'budget':>6} {'full':>5} {'comp':>4} {'tok/s dense':>12} "
-            f"{'tok/s routed':>12} {'ideal':>6} {'measured':>8} {'meas/ideal':>10}")
+    knob = rows[0]["knob"] if rows else "setting"
+    head = (f"{'phase':8} {'batch':>5} {knob:>12} {'comp':>4} {'tok/s dense':>12} "
+            f"{'tok/s method':>12} {'ideal':>6} {'measured':>8} {'meas/ideal':>10}  realised")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['phase']:8} {r['batch']:>5} {r['budget']:>6.2f} "
-                     f"{r['full_fraction']:>5.2f} {'yes' if r['compiled'] else 'no':>4} "
-                     f"{r['tokens_per_s_dense']:>12.1f} {r['tokens_per_s_routed']:>12.1f} "
+        lines.append(f"{r['phase']:8} {r['batch']:>5} {r['setting']:>12.4g} "
+                     f"{'yes' if r['compiled'] else 'no':>4} "
+                     f"{r['tokens_per_s_dense']:>12.1f} {r['tokens_per_s_method']:>12.1f} "
                      f"{r['ideal_speedup']:>6.2f} {r['measured_speedup']:>8.2f} "
-                     f"{r['measured_over_ideal']:>10.2f}")
+                     f"{r['measured_over_ideal']:>10.2f}  {headline(r)}")
     return "\n".join(lines)
 
 
@@ -287,16 +237,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     groups = sorted({(r["phase"], r["batch"], r["compiled"]) for r in rows})
     for n, (phase, batch, compiled) in enumerate(groups):
         sel = sorted((r for r in rows if (r["phase"], r["batch"], r["compiled"])
-                      == (phase, batch, compiled)), key=lambda r: r["budget"])
+                      == (phase, batch, compiled)), key=lambda r: r["setting"])
         label = f"{phase} b={batch}{' compiled' if compiled else ''}"
         color = f"C{n}"
-        ax.plot([r["budget"] for r in sel], [r["measured_speedup"] for r in sel], "o-",
+        ax.plot([r["setting"] for r in sel], [r["measured_speedup"] for r in sel], "o-",
                 color=color, label=f"{label} measured")
-        ax.plot([r["budget"] for r in sel], [r["ideal_speedup"] for r in sel], "--",
+        ax.plot([r["setting"] for r in sel], [r["ideal_speedup"] for r in sel], "--",
                 color=color, alpha=0.6, label=f"{label} ideal")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("full-path budget")
-    ax.set_ylabel("speedup over dense")
+    ax.set_xlabel(rows[0]["knob"] if rows else "setting")
+    ax.set_ylabel("speedup over the dense reference")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -305,8 +255,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def write_results(result: dict[str, Any], out: Path, title: str) -> None:
+    from adadepth.train.checkpoint import write_json_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(out / "bench.json", result)
     plot(result["rows"], out / "bench.png", title)
 
 
@@ -334,14 +286,22 @@ def heldout_windows(data, rows: int, length: int, calib_rows: int,
     return text, torch.from_numpy(calib).view(calib_rows, calib_len)
 
 
+def check_settings(model: Method, values: list[float], text: str) -> None:
+    knob = model.knob
+    assert knob is not None
+    bad = [v for v in values if not knob.low < v <= knob.high
+           or (knob.integer and v != int(v))]
+    if bad:
+        kind = "whole numbers" if knob.integer else "numbers"
+        raise UserError(f"{knob.name} settings must be {kind} in ({knob.low:g}, {knob.high:g}] "
+                        f"for a {model.name} run, got {text}")
+
+
 def run_cli(args: argparse.Namespace) -> None:
     from adadepth.data import load_corpus, prepare_tokens
     from adadepth.runs import load_run
     from adadepth.train.loop import resolve_device
 
-    budgets = parse_list(args.budgets, float, "budgets")
-    if any(not 0 < b <= 1 for b in budgets):
-        raise UserError(f"budgets must lie in (0, 1], got {args.budgets}")
     decode_batches = tuple(parse_list(args.decode_batches, int, "decode-batches"))
     if any(b <= 0 for b in decode_batches):
         raise UserError("--decode-batches must be positive")
@@ -349,28 +309,31 @@ def run_cli(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     loaded = load_run(run_dir, str(device))
     model = loaded.model
-    if not isinstance(model, RoutedModel):
-        raise UserError(f"{run_dir} is a {loaded.meta.get('kind')!r} run; bench needs a routed "
-                        "run (adadepth route)")
+    if not isinstance(model, Method) or model.knob is None:
+        raise UserError(f"{run_dir} is a {loaded.meta.get('kind')!r} run; bench needs the run of "
+                        "an adaptive method (adadepth route, ponder, ...)")
+    text_settings = args.settings or ",".join(f"{v:g}" for v in model.knob.values)
+    settings = parse_list(text_settings, float, "settings")
+    check_settings(model, settings, text_settings)
     max_len = model.cfg.max_seq_len
     if args.prefill_len > max_len or DECODE_PROMPT + args.decode_tokens > max_len:
         raise UserError(f"--prefill-len and {DECODE_PROMPT} + --decode-tokens must fit the "
                         f"model's context of {max_len}")
     d = loaded.meta["data"]
-    corpus = load_corpus(d["corpus"], val_fraction=d["val_fraction"], max_docs=d["max_docs"],
-                         text_field=d["text_field"])
+    corpus = load_corpus(d["corpus"], val_fraction=d.get("val_fraction", 0.1),
+                         max_docs=d.get("max_docs"), text_field=d.get("text_field", "text"))
     data = prepare_tokens(corpus, loaded.tokenizer)
-    length = max(args.prefill_len, DECODE_PROMPT + args.decode_tokens)
-    text, calib = heldout_windows(data, max(args.prefill_batch, *decode_batches), length,
+    text, calib = heldout_windows(data, max(args.prefill_batch, *decode_batches),
+                                  max(args.prefill_len, DECODE_PROMPT),
                                   CALIB_WINDOWS, min(CALIB_LEN, max_len))
     text, calib = text.to(device), calib.to(device)
-    spec = BenchSpec(budgets=budgets, prefill_batch=args.prefill_batch,
+    spec = BenchSpec(settings=settings, prefill_batch=args.prefill_batch,
                      prefill_len=args.prefill_len, decode_batches=decode_batches,
                      decode_tokens=args.decode_tokens, reps=args.reps, compile=args.compile)
     result = run_bench(model, text, calib, spec, device,
                        log=lambda s: print(f"timing {s} ...", flush=True))
     result["run"] = str(run_dir)
     out = Path(args.out) if args.out else run_dir
-    write_results(result, out, f"{run_dir.name} on {result['device']}")
+    write_results(result, out, f"{run_dir.name} ({model.name}) on {result['device']}")
     print(format_table(result["rows"]))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

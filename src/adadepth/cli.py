@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from adadepth.config import PretrainConfig, preset, validate
-    from adadepth.pretrain import pretrain
+    from adadepth.jobs.pretrain import pretrain
 
     # The preset (flag, else the YAML's, else tiny) gives the model shape the YAML then adjusts.
     name = args.preset or str((load_yaml(args.config) if args.config else {}).get("preset", "tiny"))
@@ -70,9 +71,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from adadepth.depth import Method
     from adadepth.generate import generate
     from adadepth.runs import load_run
     from adadepth.train.loop import resolve_device
@@ -87,11 +99,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         f"context of {loaded.model.cfg.max_seq_len}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
-    out = generate(loaded.model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                   generator=gen)
+    model = loaded.model
+    with contextlib.ExitStack() as stack:
+        measurement = stack.enter_context(model.measure()) if isinstance(model, Method) else None
+        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
+                       generator=gen)
     for row in out.tolist():
         print(loaded.tokenizer.decode(row))
         print("---")
+    if measurement is not None:  # what the adaptive model really ran (prompt included)
+        print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
 
 
 def aux_list(text: str) -> list[str]:
@@ -105,7 +122,7 @@ def aux_list(text: str) -> list[str]:
 
 def cmd_route(args: argparse.Namespace) -> None:
     from adadepth.config import validate
-    from adadepth.route import RouteConfig, route
+    from adadepth.jobs.route import RouteConfig, route
 
     routing = {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
                                  ("aux", args.aux), ("oracle", args.oracle)) if v is not None}
@@ -190,13 +207,15 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("bench", help="measured vs ideal speedup of a routed model")
-    p.add_argument("run", help="a routed run folder")
-    p.add_argument("--budgets", default="1.0,0.75,0.5,0.25")
+    p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
+    p.add_argument("run", help="the run folder of an adaptive method")
+    p.add_argument("--settings", "--budgets", dest="settings",
+                   help="comma list of the method's cost-knob values (routing: budgets); "
+                   "default: the method's own sweep")
     p.add_argument("--prefill-batch", type=positive_int, default=8)
     p.add_argument("--prefill-len", type=positive_int, default=512)
     p.add_argument("--decode-batches", default="1,8")
-    p.add_argument("--decode-tokens", type=positive_int, default=128)
+    p.add_argument("--decode-tokens", type=positive_int, default=256)
     p.add_argument("--reps", type=positive_int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--device", default="auto")

@@ -37,6 +37,11 @@ class ModelConfig(Strict):
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of one FFN: SwiGLU has three."""
+        return 3
+
     def check(self) -> None:
         if self.d_model % self.n_heads or self.head_dim % 2:
             raise UserError(
@@ -157,35 +162,3 @@ def validate(cls: type[C], data: dict[str, Any]) -> C:
 
 def dump_yaml(cfg: BaseModel, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-class RoutingConfig(Strict):
-    """Conditional depth routing (DESIGN.md section 1); defaults are the paper's or ours."""
-
-    gate: str = "g1"
-    budget: float = Field(0.5, gt=0, le=1, description="fraction of tokens on the full path")
-    layers: list[int] | None = Field(None, description="controlled layers; None = all but ends")
-    cheap: str = "low_rank"
-    rank: PositiveInt | None = Field(None, description="cheap FFN rank; None = d_model/8")
-    d_z: PositiveInt = 64
-    gate_hidden: PositiveInt | None = Field(None, description="None = 4*d_z")
-    estimator: Literal["straight_through", "ratio"] = "straight_through"
-    surrogate_center: Literal["boundary", "none"] = Field(
-        "boundary", description="the estimator's sigma() reads the score minus the decision "
-        "boundary (top-k edge or threshold), or the raw score")
-    dispatch: Literal["auto", "dense", "sparse"] = "auto"
-    inference: Literal["threshold", "predictor"] = "threshold"
-    aux: list[Literal["util", "rank", "jepa"]] = Field(default_factory=lambda: ["util", "rank"])
-    oracle: Literal["off_policy", "on_policy"] = "off_policy"
-    oracle_layers: int = Field(0, ge=0, description="layers labelled per step; 0 = all")
-    lambda_util: float = Field(1.0, ge=0)
-    lambda_rank: float = Field(1.0, ge=0)
-    lambda_jepa: float = Field(1.0, ge=0)
-    lambda_predictor: float = Field(1.0, ge=0)
-    rank_margin: float = Field(0.0, ge=0)
-    rank_max_pairs: PositiveInt = 16384
-    regime: Literal["controller-only", "joint"] = "controller-only"
-    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.2, 0.1, 0.05])
-    smoothing: float = Field(0.1, gt=0, le=1, description="EMA weight of the smoothed LM loss")
-    calibration_windows: PositiveInt = Field(
-        256, description="held-out windows the causal thresholds are calibrated on")

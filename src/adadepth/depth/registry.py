@@ -1,9 +1,10 @@
-"""One small registry through which gates, cheap paths and exit rules plug in.
+"""One small registry through which methods, gates, cheap paths, exit and halting rules plug in.
 
     @register("gate", "g1")
     class MLPGate(Gate): ...
 
-    build("gate", "g1", d_model=..., ...)
+    build("gate", "g1", d_model=..., ...)      # a factory, called with the options
+    lookup("method", "routing")                 # an entry as registered (a MethodSpec)
 """
 
 from __future__ import annotations

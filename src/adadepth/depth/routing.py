@@ -1,11 +1,16 @@
 """Conditional depth routing: per token, a controlled layer runs its full FFN or a cheap one.
 
+"Revisiting Auxiliary Losses for Conditional Depth Routing" (2026); docs/methods.md explains the
+method and which choices are the paper's and which are ours.
+
 `RoutedFFN` replaces the backbone's FFN at a controlled layer. It scores every token with a gate,
 decides full or cheap under the full-path budget b, and computes only what it decided:
 
 - decisions: top-k per sequence (k = ceil(b*T), training), or causal thresholds calibrated on
   held-out data (inference and decoding), read from the gate score or from a small predictor
-  trained to imitate top-k membership;
+  trained to imitate top-k membership. With `threshold_control: online` (default) each row's
+  threshold is then steered token by token so that the running full fraction stays on budget
+  whatever the text (see `ThresholdController`);
 - dispatch: `sparse` gathers the full-path tokens into a packed tensor, runs the full FFN on
   them alone and the cheap FFN on the rest, and scatters back; `dense` runs both paths on every
   token and mixes (needed by the straight-through estimator, kept for comparison);
@@ -16,29 +21,71 @@ decides full or cheap under the full-path budget b, and computes only what it de
   shift of every score, so the LM gradient, which pushes all scores up wherever the full path
   helps, would otherwise drive sigma(s) into saturation and its own gradient to zero.
 
-`RoutedModel` installs RoutedFFNs into any backbone with the layer-stack interface
-(`prepare` / `run_layer` / `head` / `get_ffn` / `set_ffn`), ours or a Hugging Face adapter.
+`RoutedModel` installs RoutedFFNs into any backbone with the layer-stack interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from adadepth import flops as fl
-from adadepth.config import RoutingConfig
+from adadepth.config import Strict
 from adadepth.depth import cheap as _cheap  # noqa: F401  (registers the cheap paths)
 from adadepth.depth.gates import Gate
-from adadepth.depth.registry import build
+from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.registry import build, register
 from adadepth.errors import UserError
-from adadepth.model import Output
+from adadepth.model import KVCache, Output
 
 Decision = Literal["auto", "topk", "causal", "calibrate"]
+
+
+class RoutingConfig(Strict):
+    """Conditional depth routing; defaults are the paper's or ours (docs/methods.md)."""
+
+    gate: str = "g1"
+    budget: float = Field(0.5, gt=0, le=1, description="fraction of tokens on the full path")
+    layers: list[int] | None = Field(None, description="controlled layers; None = all but ends")
+    cheap: str = "low_rank"
+    rank: PositiveInt | None = Field(None, description="cheap FFN rank; None = d_model/8")
+    d_z: PositiveInt = 64
+    gate_hidden: PositiveInt | None = Field(None, description="None = 4*d_z")
+    estimator: Literal["straight_through", "ratio"] = "straight_through"
+    surrogate_center: Literal["boundary", "none"] = Field(
+        "boundary", description="the estimator's sigma() reads the score minus the decision "
+        "boundary (top-k edge or threshold), or the raw score")
+    dispatch: Literal["auto", "dense", "sparse"] = "auto"
+    inference: Literal["threshold", "predictor"] = "threshold"
+    threshold_control: Literal["online", "fixed"] = Field(
+        "online", description="steer each row's causal threshold to keep its running full "
+        "fraction on budget, or keep the calibrated thresholds fixed")
+    control_gain: float = Field(0.5, gt=0, description="threshold step per token of surplus, "
+                                "in units of the layer's calibrated score spread")
+    control_slack: float = Field(4.0, ge=1, description="surplus (tokens) beyond which the "
+                                 "next decision is forced back toward the budget")
+    aux: list[Literal["util", "rank", "jepa"]] = Field(default_factory=lambda: ["util", "rank"])
+    oracle: Literal["off_policy", "on_policy"] = "off_policy"
+    oracle_layers: int = Field(0, ge=0, description="layers labelled per step; 0 = all")
+    lambda_util: float = Field(1.0, ge=0)
+    lambda_rank: float = Field(1.0, ge=0)
+    lambda_jepa: float = Field(1.0, ge=0)
+    lambda_predictor: float = Field(1.0, ge=0)
+    rank_margin: float = Field(0.0, ge=0)
+    rank_max_pairs: PositiveInt = 16384
+    regime: Literal["controller-only", "joint"] = "controller-only"
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.2, 0.1, 0.05])
+    smoothing: float = Field(0.1, gt=0, le=1, description="EMA weight of the smoothed LM loss")
+    calibration_windows: PositiveInt = Field(
+        256, description="held-out windows the causal thresholds are calibrated on")
 
 
 @dataclass
@@ -84,6 +131,48 @@ class Route:
     boundary: Tensor | float = 0.0  # the score at which the decision flips, (B, 1) or scalar
 
 
+class ThresholdController:
+    """Keeps each row's running full fraction on budget, token by token, causally.
+
+    Token t goes full when its score passes theta_t = theta_0 + eta * surplus_t, where
+    surplus_t = sum over earlier tokens of (decision - b) and theta_0 is the calibrated
+    threshold: each full token beyond the budget raises the bar, each cheap one lowers it (an
+    integral controller, i.e. an online (1-b)-quantile tracker). When the surplus reaches
+    +-slack tokens the decision is forced back toward the budget, so over any T tokens the
+    realised fraction is within (slack + 1) / T of b, whatever the text. eta is `gain` times the
+    spread of the layer's calibration scores, so the step means the same for every gate.
+
+    Decisions depend only on earlier tokens of the same row; a cache carries the surplus from
+    one decoding call to the next, so cached decoding decides exactly as a full forward does.
+    """
+
+    def __init__(self, budget: float, gain: float, slack: float) -> None:
+        self.budget, self.gain, self.slack = budget, gain, slack
+
+    def decide(self, scores: Tensor, theta0: float, spread: float,
+               surplus: list[float]) -> tuple[Tensor, list[float]]:
+        """Decisions for scores (B, T) in order, from each row's surplus; returns the new ones.
+
+        A plain Python loop over host floats: ~0.3 us a token, far cheaper per token than
+        tensor ops, and it is inherently sequential."""
+        eta, b, slack = self.gain * spread, self.budget, self.slack
+        rows, out = scores.tolist(), []
+        surplus = list(surplus)
+        for i, row in enumerate(rows):
+            s, decided = surplus[i], []
+            for value in row:
+                full = value > theta0 + eta * s
+                if s <= -slack:
+                    full = True
+                elif s >= slack:
+                    full = False
+                decided.append(full)
+                s += (1.0 - b) if full else -b
+            surplus[i] = s
+            out.append(decided)
+        return torch.tensor(out, dtype=torch.bool, device=scores.device), surplus
+
+
 def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
     """sigma(s)/sg(sigma(s)) on full tokens, (1-sigma(s))/sg(1-sigma(s)) on cheap ones.
 
@@ -97,17 +186,22 @@ def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
 class RoutedFFN(nn.Module):
     def __init__(self, full: nn.Module, cheap: nn.Module, gate: Gate, budget: float,
                  estimator: str = "straight_through", dispatch: str = "auto",
-                 predictor: nn.Module | None = None, center: str = "boundary") -> None:
+                 predictor: nn.Module | None = None, center: str = "boundary",
+                 control: ThresholdController | None = None) -> None:
         super().__init__()
         self.full, self.cheap, self.gate = full, cheap, gate
         self.budget, self.estimator, self.dispatch = budget, estimator, dispatch
         self.center = center  # "boundary": the surrogate reads s - boundary; "none": s itself
         self.predictor = predictor  # causal imitation of top-k; None = threshold the score
+        self.control = control  # None: fixed causal thresholds
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("spread", torch.tensor(1.0))  # calibration scores' spread
         self.decision: Decision = "auto"
         self.force: bool | None = None  # oracle counterfactuals: every token full / cheap
         self.keep_outcome = False
         self.record: RouteRecord | None = None
+        self.session: KVCache | None = None  # the cache of the call, for the controller's state
+        self.collected: list[Tensor] | None = None  # calibration: causal scores seen
 
     # -- deciding ---------------------------------------------------------------------------
     def causal_score(self, u: Tensor, score: Tensor) -> Tensor:
@@ -137,13 +231,21 @@ class RoutedFFN(nn.Module):
             return Route(mask, per_row=k, uniform=True if k == score.shape[-1] else None,
                          boundary=boundary)
         causal = self.causal_score(u, score).detach()
-        if decision == "calibrate":
-            # The (1-b) quantile of this layer's scores, given the thresholds already set below.
-            q = torch.quantile(causal.float().flatten(), 1 - self.budget)
-            self.threshold.fill_(q.item())
-        elif torch.isnan(self.threshold):
+        if decision == "calibrate":  # collect only; the caller sets the threshold from them
+            assert self.collected is not None
+            self.collected.append(causal.float().flatten().cpu())
+            return Route(torch.ones_like(causal, dtype=torch.bool), uniform=True)
+        if torch.isnan(self.threshold):
             raise UserError("causal routing needs calibrated thresholds; run calibrate() first")
-        return Route(causal > self.threshold, boundary=self.threshold)
+        if self.control is None:
+            return Route(causal > self.threshold, boundary=self.threshold)
+        key = ("routing-surplus", id(self))
+        state = self.session.state if self.session is not None else {}
+        surplus = state.get(key) or [0.0] * causal.shape[0]
+        mask, surplus = self.control.decide(causal, self.threshold.item(), self.spread.item(),
+                                            surplus)
+        state[key] = surplus
+        return Route(mask, boundary=self.threshold)
 
     # -- computing ----------------------------------------------------------------------------
     def use_sparse(self, needs_gate_grad: bool) -> bool:
@@ -154,8 +256,6 @@ class RoutedFFN(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         full = self.uniform_decision()
         if full is not None:  # the gate is not run: its score could not change anything
-            if self.decision == "calibrate":  # every score passes
-                self.threshold.fill_(float("-inf") if full else float("inf"))
             out = (self.full if full else self.cheap)(u).to(u.dtype)
             self.record = RouteRecord(
                 score=None, mask=torch.full(u.shape[:-1], full, dtype=torch.bool, device=u.device),
@@ -230,12 +330,22 @@ def default_layers(n_layers: int) -> list[int]:
     return list(range(1, n_layers - 1))
 
 
-class RoutedModel(nn.Module):
+def run_layers(backbone: nn.Module, x: Tensor) -> None:
+    """The layer stack on token ids without the LM head (its logits are never needed here)."""
+    h, ctx = backbone.prepare(x)
+    for i in range(backbone.n_layers):
+        h = backbone.run_layer(i, h, ctx)
+
+
+class RoutedModel(Method):
     """A backbone whose controlled layers route each token to a full or a cheap FFN."""
 
+    name = "routing"
+    knob = Knob("budget", (1.0, 0.75, 0.5, 0.25), low=0.0, high=1.0)
+
     def __init__(self, backbone: nn.Module, cfg: RoutingConfig) -> None:
-        super().__init__()
-        self.backbone, self.rcfg = backbone, cfg
+        super().__init__(backbone)
+        self.rcfg = cfg
         n = backbone.n_layers
         self.layers = list(cfg.layers) if cfg.layers is not None else default_layers(n)
         if not self.layers:
@@ -262,15 +372,18 @@ class RoutedModel(nn.Module):
             else:
                 gate = build("gate", cfg.gate, d_model=d, d_z=cfg.d_z, hidden=cfg.gate_hidden)
             predictor = nn.Linear(d, 1) if cfg.inference == "predictor" else None
+            control = (ThresholdController(cfg.budget, cfg.control_gain, cfg.control_slack)
+                       if cfg.threshold_control == "online" else None)
             router = RoutedFFN(backbone.get_ffn(i), build("cheap", cfg.cheap, d_model=d,
                                                           d_ff=d_ff, rank=cfg.rank),
                                gate, cfg.budget, cfg.estimator, cfg.dispatch, predictor,
-                               cfg.surrogate_center)
+                               cfg.surrogate_center, control)
             router.keep_outcome = "jepa" in cfg.aux
             backbone.set_ffn(i, router)
             self.routers.append(router)
+        # The controller lives where the backbone does, in its floating-point type.
         p = next(backbone.parameters())
-        self.routers.to(device=p.device)
+        self.routers.to(device=p.device, dtype=p.dtype)
 
     def _static_full_layers(self) -> set[int]:
         """Evenly spaced controlled layers run full, round(b * #layers) of them."""
@@ -280,19 +393,21 @@ class RoutedModel(nn.Module):
         step = len(self.layers) / count
         return {self.layers[int(j * step)] for j in range(count)}
 
-    @property
-    def cfg(self):
-        return self.backbone.cfg
+    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
+                positions: Tensor | None = None) -> Output:
+        for r in self.routers:  # the controllers keep their per-row state in the cache
+            r.session = cache
+        try:
+            return self.backbone(idx, cache, start, positions=positions)
+        finally:
+            for r in self.routers:
+                r.session = None
 
-    # -- the layer-stack interface, so generation and evaluation treat it like any model ------
-    def new_cache(self, batch: int, max_len: int | None = None):
-        return self.backbone.new_cache(batch, max_len)
+    # -- which parameters train; what is saved -----------------------------------------------------
+    def method_config(self) -> dict[str, Any]:
+        return self.rcfg.model_dump()
 
-    def forward(self, idx: Tensor, cache=None, start: int = 0) -> Output:
-        return self.backbone(idx, cache, start)
-
-    # -- which parameters train ------------------------------------------------------------------
-    def controller_modules(self) -> dict[str, nn.Module]:
+    def method_modules(self) -> dict[str, nn.Module]:
         """Everything the router adds: gates, cheap FFNs, predictors (not the backbone's FFN)."""
         out: dict[str, nn.Module] = {}
         for j, r in enumerate(self.routers):
@@ -302,6 +417,27 @@ class RoutedModel(nn.Module):
                 out[f"routers.{j}.predictor"] = r.predictor
         return out
 
+    def method_buffers(self) -> dict[str, Tensor]:
+        out = {}
+        for j, r in enumerate(self.routers):
+            out[f"routers.{j}.threshold"] = r.threshold
+            out[f"routers.{j}.spread"] = r.spread
+        return out
+
+    def backbone_trained(self) -> bool:
+        return self.rcfg.regime == "joint"
+
+    @contextlib.contextmanager
+    def original_backbone(self) -> Iterator[nn.Module]:
+        """The backbone with its original FFNs at the controlled layers, for the duration."""
+        for layer, r in zip(self.layers, self.routers, strict=True):
+            self.backbone.set_ffn(layer, r.full)
+        try:
+            yield self.backbone
+        finally:
+            for layer, r in zip(self.layers, self.routers, strict=True):
+                self.backbone.set_ffn(layer, r)
+
     def freeze_backbone(self) -> None:
         """Controller-only regime: only the gates, cheap paths and predictors train."""
         self.backbone.requires_grad_(False)
@@ -309,23 +445,7 @@ class RoutedModel(nn.Module):
             p.requires_grad_(True)
 
     def controller_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.controller_modules().values() for p in m.parameters()]
-
-    def controller_state(self) -> dict[str, Tensor]:
-        state = {}
-        for prefix, module in self.controller_modules().items():
-            for k, v in module.state_dict().items():
-                state[f"{prefix}.{k}"] = v.detach().contiguous().cpu()
-        for j, r in enumerate(self.routers):
-            state[f"routers.{j}.threshold"] = r.threshold.detach().cpu().reshape(1)
-        return state
-
-    def load_controller_state(self, tensors: dict[str, Tensor]) -> None:
-        for prefix, module in self.controller_modules().items():
-            sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(sub)
-        for j, r in enumerate(self.routers):
-            r.threshold.copy_(tensors[f"routers.{j}.threshold"].reshape(()))
+        return [p for m in self.method_modules().values() for p in m.parameters()]
 
     def set_decision(self, decision: Decision) -> None:
         for r in self.routers:
@@ -333,32 +453,50 @@ class RoutedModel(nn.Module):
 
     # -- causal inference ------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, batches: list[Tensor]) -> list[float]:
-        """Set each layer's threshold to the (1-b) quantile of its held-out scores.
+    def calibrate(self, batches: list[Tensor], chunk: int = 32) -> list[float]:
+        """Set each layer's threshold to the (1-b) quantile of its held-out causal scores.
 
-        One pass over all calibration tokens: layer l sets its threshold, routes, and layer l+1
-        then sees inputs produced under the thresholds of the layers below it, as at deployment.
+        Layer by layer, so layer l+1 sees inputs routed by the thresholds already set below it,
+        as at deployment; windows go through in chunks and the LM head never runs, so memory
+        stays at the hidden states of the calibration windows, whatever the vocabulary.
         """
         was_training = self.training
         self.eval()
-        self.set_decision("calibrate")
+        windows = torch.cat(batches, 0)
+        routers = dict(zip(self.layers, self.routers, strict=True))
+        bb = self.backbone
         try:
-            self.backbone(torch.cat(batches, 0))
+            states = []
+            for part in windows.split(chunk):
+                states.append(bb.prepare(part))
+            for i in range(bb.n_layers):
+                r = routers.get(i)
+                if r is not None and r.uniform_decision() is None:
+                    r.decision, r.collected = "calibrate", []
+                    for h, ctx in states:
+                        bb.run_layer(i, h, ctx)
+                    scores = torch.cat(r.collected)
+                    r.threshold.fill_(torch.quantile(scores, 1 - r.budget).item())
+                    q75, q25 = torch.quantile(scores, torch.tensor([0.75, 0.25])).tolist()
+                    r.spread.fill_(max(q75 - q25, 1e-6) / 1.349)  # a robust std
+                    r.decision, r.collected = "auto", None
+                elif r is not None:  # every token takes one path: any score passes
+                    r.threshold.fill_(float("-inf") if r.uniform_decision() else float("inf"))
+                states = [(bb.run_layer(i, h, ctx), ctx) for h, ctx in states]
         finally:
-            self.set_decision("auto")
+            for r in self.routers:
+                r.decision, r.collected = "auto", None
             self.train(was_training)
         return [r.threshold.item() for r in self.routers]
 
     @torch.no_grad()
     def full_fraction_over(self, batches) -> list[float]:
         """Realised full fraction per controlled layer over batches of token ids."""
-        counts, n = torch.zeros(len(self.routers)), 0
         device = next(self.parameters()).device
-        for x in batches:
-            self.backbone(x.to(device))
-            counts += torch.tensor(self.full_fractions()) * x.numel()
-            n += x.numel()
-        return (counts / max(n, 1)).tolist()
+        with self.measure() as m:
+            for x in batches:
+                run_layers(self.backbone, x.to(device))
+        return m.summary()["full_fraction_per_layer"]
 
     def full_fractions(self) -> list[float]:
         """Realised full fraction per controlled layer in the last forward."""
@@ -387,7 +525,70 @@ class RoutedModel(nn.Module):
         batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
         fractions = self.full_fraction_over(batches)
         ctx = fl.causal_context(block_size)
-        dense = sum(fl.forward_per_token(self.cfg, ctx).values())
         return {"full_fraction_causal": fractions, "controlled_layers": self.layers,
                 "budget": self.rcfg.budget, "gate": self.rcfg.gate,
-                "flops_ratio": self.inference_flops_per_token(ctx, fractions) / dense}
+                "flops_ratio": self.inference_flops_per_token(ctx, fractions)
+                / self.reference_flops_per_token(ctx)}
+
+    # -- the bench -----------------------------------------------------------------------------
+    def _setting(self, budget: float, thresholds: list[float],
+                 spreads: list[float]) -> Callable[[], None]:
+        def apply() -> None:
+            for r, t, s in zip(self.routers, thresholds, spreads, strict=True):
+                r.budget = budget
+                if r.control is not None:
+                    r.control.budget = budget
+                r.threshold.fill_(t)
+                r.spread.fill_(s)
+        return apply
+
+    def current_setting(self) -> Callable[[], None]:
+        return self._setting(self.routers[0].budget, [r.threshold.item() for r in self.routers],
+                             [r.spread.item() for r in self.routers])
+
+    def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
+        self._setting(value, [float("nan")] * len(self.routers), [1.0] * len(self.routers))()
+        self.calibrate([calibration])
+        return self.current_setting()
+
+    @contextlib.contextmanager
+    def dense_reference(self) -> Iterator[None]:
+        with self.original_backbone():
+            yield
+
+    def reference_flops_per_token(self, context: float) -> float:
+        return sum(fl.forward_per_token(self.cfg, context).values())
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Full fraction per controlled layer over every routed forward in the block."""
+        totals = torch.zeros(len(self.routers), dtype=torch.float64)
+        count = [0]
+
+        def hook(j: int) -> Callable[..., None]:
+            def record(module: RoutedFFN, _args: Any, _out: Any) -> None:
+                totals[j] += module.record.mask.sum().item()
+                if j == 0:
+                    count[0] += module.record.mask.numel()
+            return record
+
+        hooks = [r.register_forward_hook(hook(j)) for j, r in enumerate(self.routers)]
+        budget = self.routers[0].budget  # the setting measured, whatever is set later
+
+        def fractions() -> list[float]:
+            return (totals / max(count[0], 1)).tolist()
+
+        try:
+            yield Measurement(
+                lambda context: self.inference_flops_per_token(context, fractions(), budget),
+                lambda: {"full_fraction": sum(fractions()) / len(self.routers),
+                         "full_fraction_per_layer": fractions(),
+                         "budget": budget, "tokens": count[0]})
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+register("method", "routing")(MethodSpec(
+    name="routing", config=RoutingConfig, build=RoutedModel, kind="routed",
+    summary="conditional depth routing: per token, full or cheap FFN at controlled layers"))

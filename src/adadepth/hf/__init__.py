@@ -3,7 +3,8 @@
 - `adapters`: any supported causal LM (Llama/SmolLM2, GPT-2, GPT-NeoX/Pythia, Gemma 3) behind
   adadepth's layer-stack interface, so every adaptive-depth method applies to it;
 - `backbones`: model directories, hub ids and known names (`smollm2-135m` installs offline),
-  converted once into a cache folder;
+  converted once into a cache folder (`adadepth.runs.load_transformers` loads one with its
+  tokenizer, as a backbone for any method);
 - `pretrained`: `from_pretrained` / `save_pretrained` of adaptive models built on them;
 - `harness`: the lm-evaluation-harness model `adadepth`.
 
@@ -19,12 +20,11 @@ from adadepth.hf.backbones import (
     backbone_cli,
     ensure_backbone,
     is_known,
-    load_backbone,
     load_model,
 )
 
 __all__ = ["KNOWN", "HFAdapter", "backbone_cli", "ensure_backbone", "from_pretrained", "is_known",
-           "load_backbone", "load_model", "save_pretrained"]
+           "load_model", "save_pretrained"]
 
 
 def from_pretrained(source: Any, method: str = "routing", device: str = "cpu", **config: Any):

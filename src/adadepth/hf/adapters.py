@@ -8,26 +8,28 @@ the FFN that routing replaces (`get_ffn`/`set_ffn`): it is called on the already
 input, as our own blocks' FFNs are (GPT-NeoX's parallel residual and Gemma 3's post-FFN norm stay
 inside the layer's own forward).
 
-The cache is transformers' `DynamicCache`, passed through the context; it only appends, so
-`start` must equal the number of positions it holds.
+The cache is adadepth's own position-indexed `KVCache`, not transformers' append-only one: a
+decoder layer calls `update(k, v, layer_idx)` on whatever it is given as its cache, and the
+adapter hands it a view that writes at the call's rows and positions and returns the keys the
+call may read; the mask passed beside it is built from positions and validity. `write_kv`
+computes only a layer's K/V by giving the layer a view that stops it once they are written.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import PreTrainedModel
 
 from adadepth.errors import UserError
-from adadepth.model import Output
+from adadepth.model import Context, KVCache, Output, attention_mask
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family("Gemma 3", "model", "layers", "embed_tokens", "norm", rope="per_type"),
 }
 SUPPORTED = ", ".join(f"{k} ({f.label})" for k, f in FAMILIES.items())
-MASKS = {"full_attention": create_causal_mask,
-         "sliding_attention": create_sliding_window_causal_mask}
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 def family_of(config: Any) -> Family:
@@ -88,6 +89,11 @@ class HFModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads
 
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of one FFN: 3 for gated (SwiGLU/GeGLU), 2 for a plain MLP."""
+        return 2 if self.model_type in ("gpt2", "gpt_neox") else 3
+
     def model_dump(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -103,15 +109,23 @@ class HFModelConfig:
                    max_seq_len=config.max_position_embeddings)
 
 
-@dataclass
-class HFContext:
-    """What every layer of one forward call shares; per-layer masks and rotary tables."""
+class _KVWritten(Exception):
+    """Raised by a write-only cache view once a layer's K/V are stored: the rest is not needed."""
 
-    start: int
-    cache: DynamicCache | None
-    position_ids: Tensor
-    masks: list[Any]
-    rope: list[tuple[Tensor, Tensor] | None]
+
+class _LayerCache:
+    """What a transformers decoder layer sees as its cache: writes go to the rows and positions
+    of the call, reads return the keys and values its queries may attend to."""
+
+    def __init__(self, cache: KVCache, ctx: Context, layer: int, write_only: bool = False) -> None:
+        self.cache, self.ctx, self.layer, self.write_only = cache, ctx, layer, write_only
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, *_: Any, **__: Any,
+               ) -> tuple[Tensor, Tensor]:
+        self.cache.store(self.layer, k, v, self.ctx)
+        if self.write_only:
+            raise _KVWritten
+        return self.cache.view(self.layer, self.ctx)
 
 
 class HFAdapter(nn.Module):
@@ -140,10 +154,12 @@ class HFAdapter(nn.Module):
             module.register_forward_pre_hook(self._backbone_mode)
         self._mlps = [layer.mlp for layer in self.layers]
         types = getattr(model.config, "layer_types", None) or ["full_attention"] * self.n_layers
-        unknown = set(types) - set(MASKS)
+        unknown = set(types) - set(ATTENTION_TYPES)
         if unknown:
             raise UserError(f"attention type {sorted(unknown)[0]!r} is not supported")
         self.layer_types: list[str] = list(types)
+        # sdpa reads boolean masks; the other kernels add a float mask to the scores.
+        self.boolean_masks = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
 
     # -- where the family keeps things ---------------------------------------------------------
     @property
@@ -168,59 +184,119 @@ class HFAdapter(nn.Module):
         if not self.backbone_dropout:
             module.training = False
 
-    # -- the layer-stack interface -------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int | None = None) -> DynamicCache:
+    # -- the layer-stack interface (see adadepth.model.transformer) ---------------------------
+    def new_cache(self, batch: int, max_len: int | None = None, sets: int = 1) -> KVCache:
         if max_len is not None and max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
-        return DynamicCache(config=self.hf.config)
+        p = self.hf.get_output_embeddings().weight
+        return KVCache(self.n_layers * sets, batch, self.cfg.n_kv_heads,
+                       max_len or self.cfg.max_seq_len, self.cfg.head_dim, device=p.device,
+                       dtype=p.dtype)
 
-    def prepare(self, idx: Tensor, cache: DynamicCache | None = None,
-                start: int = 0) -> tuple[Tensor, HFContext]:
-        T = idx.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        if cache is not None and cache.get_seq_length() != start:
-            raise ValueError(f"the cache holds {cache.get_seq_length()} positions; a transformers "
-                             f"cache only appends, so start must equal that, not {start}")
-        dec, fam, config = self.decoder, self.family, self.hf.config
-        pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        x = getattr(dec, fam.embed)(idx)
-        masks = {t: MASKS[t](config=config, inputs_embeds=x, attention_mask=None,
-                             past_key_values=cache, position_ids=pos)
-                 for t in set(self.layer_types)}
-        if fam.positions:
-            x = x + getattr(dec, fam.positions)(pos)
+    def embed(self, idx: Tensor) -> Tensor:
+        return getattr(self.decoder, self.family.embed)(idx)
+
+    def embed_soft(self, probs: Tensor) -> Tensor:
+        """The embedding of a distribution over the vocabulary, scaled as the family scales
+        token embeddings (Gemma multiplies them by sqrt(d))."""
+        table = getattr(self.decoder, self.family.embed)
+        out = probs.to(table.weight.dtype) @ table.weight
+        scale = getattr(table, "embed_scale", None)
+        return out * scale.to(out.dtype) if scale is not None else out
+
+    def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
+                embeds: Tensor | None = None, positions: Tensor | None = None,
+                ) -> tuple[Tensor, Context]:
+        x = self.embed(idx) if embeds is None else embeds
+        T = x.shape[1]
+        if positions is None:
+            ctx = Context.block(start, T, x.device, cache)
+        else:
+            ctx = Context.at(positions.to(x.device), cache)
+        if ctx.end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
+        dec, fam = self.decoder, self.family
+        if fam.positions:  # learned absolute positions are part of a pass's input
+            x = x + getattr(dec, fam.positions)(ctx.positions)
         if fam.dropout:
             x = getattr(dec, fam.dropout)(x)
-        rope: dict[str, tuple[Tensor, Tensor] | None] = {t: None for t in masks}
-        if fam.rope == "shared":
-            shared = dec.rotary_emb(x, position_ids=pos)
-            rope = {t: shared for t in masks}
-        elif fam.rope == "per_type":
-            rope = {t: dec.rotary_emb(x, pos, t) for t in masks}
-        ctx = HFContext(start, cache, pos, [masks[t] for t in self.layer_types],
-                        [rope[t] for t in self.layer_types])
         return x, ctx
 
-    def run_layer(self, layer: int, x: Tensor, ctx: HFContext) -> Tensor:
-        kwargs: dict[str, Any] = {"attention_mask": ctx.masks[layer],
-                                  "position_ids": ctx.position_ids,
-                                  self.family.cache_arg: ctx.cache}
-        if ctx.rope[layer] is not None:
-            kwargs["position_embeddings"] = ctx.rope[layer]
+    def _rope(self, x: Tensor, ctx: Context, layer: int) -> tuple[Tensor, Tensor] | None:
+        kind = self.family.rope
+        if kind == "none":
+            return None
+        key = ("rope", self.layer_types[layer] if kind == "per_type" else None)
+        if key not in ctx.memo:
+            rotary = self.decoder.rotary_emb
+            pos = ctx.positions
+            ctx.memo[key] = (rotary(x, pos, self.layer_types[layer]) if kind == "per_type"
+                             else rotary(x, position_ids=pos))
+        return ctx.memo[key]
+
+    def _mask(self, ctx: Context, layer: int, n_keys: int, x: Tensor) -> Tensor | None:
+        window = (self.hf.config.sliding_window
+                  if self.layer_types[layer] == "sliding_attention" else None)
+        mask, causal = attention_mask(ctx, ctx.kv_offset + layer, n_keys, window)
+        if mask is None:
+            if not causal or self.boolean_masks:  # sdpa infers a plain causal block itself
+                return None
+            mask = _causal(ctx.length, n_keys, x.device)
+        if not self.boolean_masks:
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~mask, torch.finfo(x.dtype).min)
+        return mask
+
+    def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        view, n, slot = None, x.shape[1], ctx.kv_offset + layer
+        if ctx.cache is not None:
+            n = ctx.cache.mark(slot, ctx)
+            view = _LayerCache(ctx.cache, ctx, slot)
+        kwargs: dict[str, Any] = {"attention_mask": self._mask(ctx, layer, n, x),
+                                  "position_ids": ctx.positions, self.family.cache_arg: view}
+        rope = self._rope(x, ctx, layer)
+        if rope is not None:
+            kwargs["position_embeddings"] = rope
         out = self.layers[layer](x, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def head(self, hidden: Tensor) -> Tensor:
-        norm = getattr(self.decoder, self.family.final_norm)
-        logits = self.hf.get_output_embeddings()(norm(hidden))
+    def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
+        """Only the layer's K/V: the layer runs until its attention stores them, then stops."""
+        if ctx.cache is None:
+            raise ValueError("write_kv needs a cache to write to")
+        slot = ctx.kv_offset + layer
+        ctx.cache.mark(slot, ctx)
+        kwargs: dict[str, Any] = {"attention_mask": None, "position_ids": ctx.positions,
+                                  self.family.cache_arg: _LayerCache(ctx.cache, ctx, slot, True)}
+        rope = self._rope(x, ctx, layer)
+        if rope is not None:
+            kwargs["position_embeddings"] = rope
+        try:
+            self.layers[layer](x, **kwargs)
+        except _KVWritten:
+            return
+        raise RuntimeError(f"layer {layer} of {self.family.label} never wrote its cache")
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return getattr(self.decoder, self.family.final_norm)(hidden)
+
+    def make_norm(self) -> nn.Module:
+        """A new norm initialised as the final one, for a head read at another layer."""
+        return copy.deepcopy(getattr(self.decoder, self.family.final_norm))
+
+    def unembed(self, normed: Tensor) -> Tensor:
+        logits = self.hf.get_output_embeddings()(normed)
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         if cap:  # Gemma's soft cap, as its ForCausalLM applies it
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, idx: Tensor, cache: DynamicCache | None = None, start: int = 0) -> Output:
-        x, ctx = self.prepare(idx, cache, start)
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.unembed(self.final_norm(hidden))
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
+                positions: Tensor | None = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
         return Output(logits=self.head(x), hidden=x)
@@ -252,7 +328,7 @@ class HFAdapter(nn.Module):
             digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return digest.hexdigest()
 
-    def save_pretrained(self, directory: str | Path, store_backbone: bool | None = None) -> None:
-        from adadepth.hf.pretrained import save_pretrained
 
-        save_pretrained(self, directory, store_backbone=store_backbone)
+def _causal(T: int, n_keys: int, device: torch.device) -> Tensor:
+    """Queries at the last T of n_keys positions, each seeing keys up to its own."""
+    return torch.ones(T, n_keys, dtype=torch.bool, device=device).tril(n_keys - T)

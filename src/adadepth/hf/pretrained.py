@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adadepth.config import RoutingConfig, validate
-from adadepth.depth.routing import RoutedModel
+from adadepth.config import validate
+from adadepth.depth import Method, method_names, method_spec
 from adadepth.errors import UserError
 from adadepth.hf.adapters import HFAdapter
 from adadepth.hf.backbones import load_model
@@ -29,41 +28,20 @@ from adadepth.hf.backbones import load_model
 SAVED = "adadepth_model.json"
 CONTROLLER = "controller.safetensors"
 STORED = "backbone"
-FORMAT = 1
-
-
-class PretrainedRouted(RoutedModel):
-    """A RoutedModel that saves itself as a directory of safetensors + JSON."""
-
-    def save_pretrained(self, directory: str | Path, store_backbone: bool | None = None) -> None:
-        save_pretrained(self, directory, store_backbone=store_backbone)
-
-
-def _routing(adapter: HFAdapter, config: dict[str, Any]) -> nn.Module:
-    return PretrainedRouted(adapter, validate(RoutingConfig, config))
-
-
-def _dense(adapter: HFAdapter, config: dict[str, Any]) -> nn.Module:
-    if config:
-        raise UserError(f"method dense takes no options, got {', '.join(config)}")
-    return adapter
-
-
-# Method name -> builder(adapter, options). Later methods (ponder, ensemble, ...) add themselves
-# with `register_method`; each needs `controller_state` / `load_controller_state` to be saved.
-METHODS: dict[str, Callable[[HFAdapter, dict[str, Any]], nn.Module]] = {
-    "routing": _routing, "dense": _dense, "none": _dense,
-}
-
-
-def register_method(name: str, builder: Callable[[HFAdapter, dict[str, Any]], nn.Module]) -> None:
-    METHODS[name] = builder
+FORMAT = 2
+DENSE = ("dense", "none")
 
 
 def _build(adapter: HFAdapter, method: str, config: dict[str, Any]) -> nn.Module:
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return METHODS[method](adapter, config)
+    """The method registered under `method` over the adapter (or the adapter itself, dense)."""
+    if method in DENSE:
+        if config:
+            raise UserError(f"method dense takes no options, got {', '.join(config)}")
+        return adapter
+    if method not in method_names():
+        raise UserError(f"unknown method {method!r}; known: {', '.join(method_names())}, dense")
+    spec = method_spec(method)
+    return spec.build(adapter, validate(spec.config, config))
 
 
 def from_pretrained(source: Any, method: str = "routing", device: str = "cpu",
@@ -71,7 +49,8 @@ def from_pretrained(source: Any, method: str = "routing", device: str = "cpu",
     """An adaptive-depth model from a transformers model (directory, known backbone name, hub
     id, or a loaded model) with the backbone's weights, or a directory `save_pretrained` wrote.
 
-    `config` holds the method's options, e.g. `budget=0.5, gate="g3"` for routing.
+    `config` holds the method's options, e.g. `budget=0.5, gate="g3"` for routing; every
+    method registered in `adadepth.depth` is available by name.
     """
     from transformers import PreTrainedModel
 
@@ -92,8 +71,8 @@ def from_pretrained(source: Any, method: str = "routing", device: str = "cpu",
 def _unwrap(model: nn.Module) -> tuple[HFAdapter, str, dict[str, Any]]:
     if isinstance(model, HFAdapter):
         return model, "dense", {}
-    if isinstance(model, RoutedModel) and isinstance(model.backbone, HFAdapter):
-        return model.backbone, "routing", model.rcfg.model_dump()
+    if isinstance(model, Method) and isinstance(model.backbone, HFAdapter):
+        return model.backbone, model.name, model.method_config()
     raise UserError("save_pretrained takes a model built on a transformers backbone "
                     "(from adadepth.from_pretrained)")
 
@@ -106,7 +85,7 @@ def save_pretrained(model: nn.Module, directory: str | Path,
     out = Path(directory).expanduser()
     if out.exists() and not (out / SAVED).is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a saved adadepth model; choose another folder")
-    changed = config.get("regime") == "joint"
+    changed = isinstance(model, Method) and model.backbone_trained()
     # A reference into the folder being replaced would point at nothing.
     inside = adapter.source is not None and Path(adapter.source).resolve().is_relative_to(
         out.resolve())
@@ -122,9 +101,10 @@ def save_pretrained(model: nn.Module, directory: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
-        state = getattr(model, "controller_state", None)
-        if callable(state):
-            save_file(state(), str(tmp / CONTROLLER))
+        if isinstance(model, Method):  # the backbone's own weights go to backbone/ if at all
+            state = {k: v for k, v in model.method_state().items()
+                     if not k.startswith("backbone.")}
+            save_file(state, str(tmp / CONTROLLER))
         if store:
             with adapter.original_ffns():
                 adapter.hf.save_pretrained(str(tmp / STORED))
@@ -158,9 +138,8 @@ def load_saved(directory: Path, device: str = "cpu") -> nn.Module:
         adapter.source = backbone.get("ref")
     model = _build(adapter, method, meta.get("config") or {})
     weights = directory / CONTROLLER
-    loader = getattr(model, "load_controller_state", None)
-    if callable(loader):
+    if isinstance(model, Method):
         if not weights.is_file():
             raise UserError(f"{directory} lacks {CONTROLLER}")
-        loader(load_file(str(weights)))
+        model.load_method_state(load_file(str(weights)))
     return model.to(device).eval()

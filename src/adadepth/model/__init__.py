@@ -1,7 +1,6 @@
+from adadepth.model.cache import Context, KVCache, attention_mask
 from adadepth.model.transformer import (
     Block,
-    Context,
-    KVCache,
     Output,
     RMSNorm,
     SwiGLU,
@@ -17,5 +16,6 @@ __all__ = [
     "RMSNorm",
     "SwiGLU",
     "Transformer",
+    "attention_mask",
     "causal_lm_loss",
 ]

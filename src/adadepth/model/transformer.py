@@ -1,16 +1,29 @@
-"""A decoder-only transformer: pre-norm RMSNorm, RoPE, SwiGLU, optional tied embeddings, KV cache.
+"""A decoder-only transformer: pre-norm RMSNorm, RoPE, SwiGLU, optional tied embeddings.
 
-The core knows nothing of training, data or parallelism. Adaptive-depth methods plug in at three
-seams, without subclassing:
-- each block's `ffn` is its own module, so routing can swap it for a per-token choice;
-- `Transformer.blocks` is a plain ModuleList a method may run itself (looping, early exit,
-  block skipping), with `embed`, `final_norm`, `logits` and the RoPE tables as building blocks;
-- attention takes explicit positions and a per-layer `KVCache`, so a method can write the K/V of
-  any subset of tokens (halted, exited or skipped tokens keep a correct cache).
+The core knows nothing of training, data or parallelism. Every adaptive-depth method is built on
+the *layer-stack interface* below, which the Hugging Face adapters (`adadepth.hf.adapters`)
+implement too, so a method written once runs on both:
+
+- `embed(idx)` / `embed_soft(probs)`: token embeddings, and the embedding of a distribution over
+  the vocabulary (a looped model's pondering input);
+- `prepare(idx | embeds=..., cache, start | positions=...)`: the hidden states a pass starts
+  from and the `Context` of the call (rows, absolute positions, cache; see `model/cache.py`);
+- `run_layer(i, x, ctx)`: one block on the tokens of `ctx`, which may be a subset chosen with
+  `ctx.select(...)` (whole-block skipping), attending to what the cache holds for them;
+- `write_kv(i, x, ctx)`: only the block's keys and values, for tokens whose state is copied up
+  past the layer (early exit, halted tokens);
+- `get_ffn(i)` / `set_ffn(i, module)`: each block's FFN is its own module, called on the
+  normalised input, so routing can swap in a per-token choice;
+- `final_norm(h)`, `unembed(normed)`, `head(h)`: the unembedding is its own seam, so late-layer
+  heads can share it with their own norms (`make_norm()` copies the final one);
+- `new_cache(batch, max_len, sets)`: a `KVCache` for all layers (times `sets`: a looped model
+  keeps one set per pass and runs pass i with `ctx.with_kv_offset(i * n_layers)`).
+`forward` is just the chain prepare -> run_layer* -> head.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -19,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adadepth.config import ModelConfig
+from adadepth.model.cache import Context, KVCache, attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -44,28 +58,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, indexed by absolute position."""
-
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, *, device=None,
-                 dtype=torch.float32) -> None:
-        super().__init__()
-        shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.length = 0
-
-    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Write K/V for positions start..start+T and return everything up to there."""
-        end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked for {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = max(self.length, end)
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -75,23 +67,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                start: int = 0) -> Tensor:
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, start)
-        mask = None
-        if k.shape[2] != T and T > 1:
-            # Queries sit at the end of the cached keys: causal with an offset.
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k, v = self.keys_values(x, cos, sin)
+        n, slot = T, ctx.kv_offset + layer
+        if ctx.cache is not None:
+            n = ctx.cache.mark(slot, ctx)
+            ctx.cache.store(slot, k, v, ctx)
+            k, v = ctx.cache.view(slot, ctx)
+        mask, causal = attention_mask(ctx, slot, n)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -116,14 +110,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                  start: int = 0) -> Tensor:
-        """The attention half: h = x + Attn(Norm(x))."""
-        return x + self.attn(self.attn_norm(x), cos, sin, cache, start)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                start: int = 0) -> Tensor:
-        h = self.attention(x, cos, sin, cache, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -133,19 +121,8 @@ class Output:
     hidden: Tensor  # final hidden state before the last norm
 
 
-@dataclass
-class Context:
-    """What every layer of one forward call shares: RoPE tables, start position, the cache."""
-
-    cos: Tensor
-    sin: Tensor
-    start: int = 0
-    cache: list[KVCache] | None = None
-
-
 class Transformer(nn.Module):
-    """The dense model. `prepare`, `run_layer` and `head` are the layer-stack interface that
-    adaptive methods (and the Hugging Face adapters) share; `forward` is just their chain."""
+    """The dense model, implementing the layer-stack interface of the module docstring."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -180,31 +157,75 @@ class Transformer(nn.Module):
     def set_ffn(self, layer: int, module: nn.Module) -> None:
         self.blocks[layer].ffn = module
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+    def new_cache(self, batch: int, max_len: int | None = None, sets: int = 1) -> KVCache:
+        """K/V for `sets` copies of the layer stack (a looped model keeps one per pass)."""
         p = self.lm_head.weight
-        return [KVCache(batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
-                        self.cfg.head_dim, device=p.device, dtype=p.dtype)
-                for _ in self.blocks]
+        return KVCache(self.n_layers * sets, batch, self.cfg.kv_heads,
+                       max_len or self.cfg.max_seq_len, self.cfg.head_dim, device=p.device,
+                       dtype=p.dtype)
 
-    def prepare(self, idx: Tensor, cache: list[KVCache] | None = None,
-                start: int = 0) -> tuple[Tensor, Context]:
-        """Embed tokens and build the per-call context for positions start..start+T."""
-        T = idx.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        ctx = Context(self.rope_cos[pos], self.rope_sin[pos], start, cache)
-        return self.tok_embeddings(idx), ctx
+    # -- embedding --------------------------------------------------------------------------------
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.tok_embeddings(idx)
 
+    def embed_soft(self, probs: Tensor) -> Tensor:
+        """The embedding of a distribution over the vocabulary: sum_v p_v * E_v."""
+        return probs.to(self.tok_embeddings.weight.dtype) @ self.tok_embeddings.weight
+
+    def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
+                embeds: Tensor | None = None, positions: Tensor | None = None,
+                ) -> tuple[Tensor, Context]:
+        """The hidden states a pass starts from (token ids embedded, or `embeds` as given) and the
+        context of the call: positions start..start+T for every row, or `positions` (B, T)."""
+        x = self.embed(idx) if embeds is None else embeds
+        B, T = x.shape[:2]
+        if positions is None:
+            ctx = Context.block(start, T, x.device, cache)
+        else:
+            ctx = Context.at(positions.to(x.device), cache)
+        if ctx.end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
+        return x, ctx
+
+    def rope(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        """Rotary tables of the call's positions, (B' or 1, T, head_dim/2), built once per call."""
+        if "rope" not in ctx.memo:
+            if ctx.start is not None and ctx.positions.shape[0] == 1 and ctx.pad is None:
+                end = ctx.start + ctx.length
+                ctx.memo["rope"] = (self.rope_cos[ctx.start:end].unsqueeze(0),
+                                    self.rope_sin[ctx.start:end].unsqueeze(0))
+            else:
+                ctx.memo["rope"] = (self.rope_cos[ctx.positions], self.rope_sin[ctx.positions])
+        return ctx.memo["rope"]
+
+    # -- the blocks -------------------------------------------------------------------------------
     def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
-        cache = None if ctx.cache is None else ctx.cache[layer]
-        return self.blocks[layer](x, ctx.cos, ctx.sin, cache, ctx.start)
+        cos, sin = self.rope(ctx)
+        return self.blocks[layer](x, cos, sin, ctx, layer)
+
+    def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
+        """Only the K/V of block `layer` for the tokens of ctx, written to ctx.cache."""
+        if ctx.cache is None:
+            raise ValueError("write_kv needs a cache to write to")
+        block = self.blocks[layer]
+        k, v = block.attn.keys_values(block.attn_norm(x), *self.rope(ctx))
+        ctx.cache.mark(ctx.kv_offset + layer, ctx)
+        ctx.cache.store(ctx.kv_offset + layer, k, v, ctx)
+
+    # -- the head ---------------------------------------------------------------------------------
+    def unembed(self, normed: Tensor) -> Tensor:
+        return self.lm_head(normed)
 
     def head(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.final_norm(hidden))
+        return self.unembed(self.final_norm(hidden))
 
-    def forward(self, idx: Tensor, cache: list[KVCache] | None = None, start: int = 0) -> Output:
-        x, ctx = self.prepare(idx, cache, start)
+    def make_norm(self) -> nn.Module:
+        """A new norm initialised as the final one, for a head read at another layer."""
+        return copy.deepcopy(self.final_norm)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
+                positions: Tensor | None = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
         return Output(logits=self.head(x), hidden=x)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from adadepth.config import PretrainConfig, preset
 from adadepth.errors import UserError
-from adadepth.pretrain import pretrain
-from adadepth.route import RouteConfig, route
+from adadepth.jobs.pretrain import pretrain
+from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
 from adadepth.train import checkpoint as ck
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from adadepth.route import smoothed  # noqa: E402
+from adadepth.jobs.route import smoothed  # noqa: E402
 from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
 
 Run = dict[str, Any]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adadepth.errors import UserError
+from adadepth.model.state import unique_state  # noqa: F401  (re-exported for the jobs)
 
 LATEST = "LATEST"
 WEIGHTS = "model.safetensors"
@@ -37,19 +38,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    out = {}
-    for name, tensor in module.state_dict().items():
-        key = tensor.data_ptr()
-        if key in seen and tensor.numel() > 0:
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],

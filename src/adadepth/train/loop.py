@@ -139,7 +139,8 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
     batch train.batch_size is split over the processes, and only rank 0 logs and writes.
     """
     device = next(objective.parameters()).device
-    peak = measured_peak_flops(device.type)
+    amp = train_cfg.amp and device.type == "cuda"  # autocast runs the matmuls in bf16
+    peak = measured_peak_flops(device.type, torch.bfloat16 if amp else torch.float32)
     generator = seed_everything(train_cfg.seed)
     if not any(p.requires_grad for p in objective.parameters()):
         raise UserError("nothing to train: every parameter is frozen")

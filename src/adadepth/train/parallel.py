@@ -189,7 +189,11 @@ def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 
 def _ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
-    kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None}
+    kwargs: dict[str, Any] = {"device_ids": [device.index] if device.type == "cuda" else None,
+                              # An objective whose trainable modules may sit out a step (a
+                              # constant routing gate) says so; DDP then waits for none of them.
+                              "find_unused_parameters": bool(
+                                  getattr(module, "may_skip_parameters", False))}
     # Buffers are identical on every rank by construction: no broadcast before each forward.
     sync_key = ("forward_sync_buffers" if "forward_sync_buffers" in
                 inspect.signature(DistributedDataParallel.__init__).parameters

@@ -1,4 +1,4 @@
-"""`adadepth route`: train a routing controller on a backbone and measure it (DESIGN.md §1)."""
+"""`adadepth route`: train a routing controller on a backbone and measure it."""
 
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth import runs
-from adadepth.config import (
-    DataConfig,
-    OptimConfig,
-    RoutingConfig,
-    Strict,
-    TrainConfig,
-    dump_yaml,
-)
+from adadepth.config import DataConfig, OptimConfig, Strict, TrainConfig, dump_yaml
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth.oracle import oracle_utilities, rank_loss, util_loss
-from adadepth.depth.routing import RoutedModel
-from adadepth.errors import UserError
+from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
@@ -50,6 +42,12 @@ class RoutingObjective(nn.Module):
         self.model, self.rcfg = model, model.rcfg
         self.rng = random.Random(seed)
         self.pair_gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def may_skip_parameters(self) -> bool:
+        """Some trainable module can sit out a step (a constant gate's cheap FFN; every token
+        full at budget 1 under sparse dispatch): DDP must then look for unused parameters."""
+        return any(r.gate.fixed is not None or r.budget >= 1 for r in self.model.routers)
 
     def label_layers(self) -> list[int]:
         if not {"util", "rank"} & set(self.rcfg.aux):
@@ -103,44 +101,66 @@ class RoutingObjective(nn.Module):
         fractions = [records[layer].mask.float().mean().item() for layer in m.layers]
         for layer, f in zip(m.layers, fractions, strict=True):
             metrics[f"full_fraction/L{layer}"] = f
-        step_flops = self.training_flops(x.shape[1], fractions, len(layer_inputs) > 0,
-                                         list(layer_inputs)) * y.numel()
+        step_flops = self.training_flops(x.shape[1], fractions, list(layer_inputs)) * y.numel()
         metrics["flops_proxy"] = step_flops / (y.numel() * self.dense_training_flops(x.shape[1]))
         return StepOutput(loss=loss, metrics=metrics, flops=step_flops)
 
-    # -- cost accounting (DESIGN.md §5): forward + 2x backward + oracle forwards -----------------
+    # -- cost accounting (docs/methods.md, "Cost accounting") ------------------------------------
     def dense_training_flops(self, seq_len: int) -> float:
+        """The yardstick: training the dense backbone itself (forward + full backward, 3x)."""
         return fl.train_per_token(self.model.cfg, fl.causal_context(seq_len))
 
-    def training_flops(self, seq_len: int, fractions: list[float], oracle: bool,
-                       labelled: list[int]) -> float:
+    def training_flops(self, seq_len: int, fractions: list[float], labelled: list[int]) -> float:
+        """FLOPs per token of one controller step: the routed forward, the backward that the
+        trainable modules really need, and the oracle's counterfactual forwards.
+
+        Joint training differentiates everything (2x the forward). Controller-only training
+        differentiates nothing below the lowest controlled layer; above it, gradients cross the
+        frozen weights once (inputs only) and attention scores twice, and the gates, cheap FFNs
+        and predictors take twice their forward (weights and inputs; weights only at the lowest
+        controlled layer, whose input needs no gradient).
+        """
         m, cfg = self.model, self.model.cfg
         ctx = fl.causal_context(seq_len)
-        attn = sum(fl.attention(cfg, ctx).values())
-        full = fl.swiglu(cfg.d_model, cfg.d_ff)
-        head = fl.linear(cfg.d_model, cfg.vocab_size)
+        attn = fl.attention(cfg, ctx)
+        proj, scores = attn["attn_proj"], attn["attn_scores"]
+        full, head = fl.ffn(cfg), fl.linear(cfg.d_model, cfg.vocab_size)
         routers = dict(zip(m.layers, m.routers, strict=True))
         frac = dict(zip(m.layers, fractions, strict=True))
 
-        def ffn_cost(layer: int, forced: bool | None = None) -> float:
+        def ffn_parts(layer: int, forced: bool | None = None) -> tuple[float, float]:
+            """(frozen FFN FLOPs, trainable controller FLOPs) executed at a layer's FFN site."""
             r = routers.get(layer)
             if r is None:
-                return full
+                return full, 0.0
             cheap = fl.module_flops(r.cheap)
             if forced is not None:  # an oracle counterfactual: the gate is not run
-                return full if forced else cheap
-            gate = fl.module_flops(r.gate) + (fl.module_flops(r.predictor) if r.predictor else 0)
+                return (full, 0.0) if forced else (0.0, cheap)
+            gate = fl.module_flops(r.gate) if r.gate.fixed is None else 0.0
+            gate += fl.module_flops(r.predictor) if r.predictor is not None else 0.0
             if r.gate.needs_grad and not r.use_sparse(True):  # dense mixture: both paths run
-                return gate + full + cheap
-            return gate + frac[layer] * full + (1 - frac[layer]) * cheap
+                return full, gate + cheap
+            return frac[layer] * full, gate + (1 - frac[layer]) * cheap
 
-        main = head + sum(attn + ffn_cost(i) for i in range(cfg.n_layers))
-        total = 3 * main
-        for layer in labelled:
+        forward = head + sum(proj + scores + sum(ffn_parts(i)) for i in range(cfg.n_layers))
+        if self.rcfg.regime == "joint":
+            backward = 2 * forward
+        else:
+            lowest = min(m.layers)
+            backward = head  # the gradient enters through the head, inputs only
+            for i in range(lowest, cfg.n_layers):
+                crossed = i > lowest  # the gradient goes on below this layer
+                frozen_ffn, controller = ffn_parts(i)
+                backward += controller * (2 if crossed else 1)
+                if crossed:
+                    backward += proj + 2 * scores + frozen_ffn
+        total = forward + backward
+        off_policy = self.rcfg.oracle == "off_policy"
+        for layer in labelled:  # counterfactual passes: forward only, without gradient
             for forced in (True, False):
                 total += head + sum(
-                    attn + (ffn_cost(i, forced) if i == layer else
-                            ffn_cost(i, True if self.rcfg.oracle == "off_policy" else None))
+                    proj + scores + sum(ffn_parts(i, forced if i == layer else
+                                                  (True if off_policy else None)))
                     for i in range(layer, cfg.n_layers))
         return total
 
@@ -148,39 +168,10 @@ class RoutingObjective(nn.Module):
         return causal_lm_loss(self.model(x).logits, y)
 
     def checkpoint_state(self) -> dict[str, Tensor]:
-        state = self.model.controller_state()
-        if self.rcfg.regime == "joint":
-            state.update({f"backbone.{k}": v for k, v in
-                          ck.unique_state(self.model.backbone).items()})
-        return state
+        return self.model.method_state()
 
     def load_checkpoint_state(self, tensors: dict[str, Tensor]) -> None:
-        load_routed_state(self.model, tensors)
-
-
-def load_routed_state(model: RoutedModel, tensors: dict[str, Tensor]) -> None:
-    model.load_controller_state(tensors)
-    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    if backbone:
-        model.backbone.load_state_dict(backbone, strict=False)
-
-
-def backbone_checksum(params: list[nn.Parameter]) -> float:
-    """A cheap fingerprint of the backbone's weights, to notice them change under a routed run."""
-    with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum().item() for p in params))
-
-
-def load_backbone(path: str, device: str) -> runs.LoadedRun:
-    """An adadepth dense run folder, a transformers model directory or a known backbone name."""
-    from adadepth import hf
-
-    if hf.is_known(path):
-        return hf.load_backbone(path, device)
-    loaded = runs.load_run(Path(path), device)
-    if loaded.meta.get("kind") not in ("dense", "hf"):
-        raise UserError(f"backbone {path} is a {loaded.meta.get('kind')!r} run, not a dense model")
-    return loaded
+        self.model.load_method_state(tensors)
 
 
 def validation_halves(data, block: int, count: int) -> tuple[Tensor, Tensor]:
@@ -238,7 +229,7 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    backbone = load_backbone(cfg.backbone, str(device))
+    backbone = runs.load_backbone(cfg.backbone, str(device))
     # The backbone's data settings, with the keys this config set on top (data.block_size=...).
     given = cfg.data.model_dump(exclude_unset=True) if cfg.data else {}
     data_cfg = DataConfig(**{**backbone.meta.get("data", {}), **given})
@@ -250,21 +241,22 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     data.check_block(block)
     seed_everything(cfg.train.seed)
     model_backbone = backbone.model
-    backbone_params = list(model_backbone.parameters())  # before the controller moves in
-    checksum = backbone_checksum(backbone_params)
+    checksum = runs.fingerprint(model_backbone)
+    meta = {"method": "routing", "method_config": cfg.routing.model_dump(),
+            "backbone": backbone.meta.get("ref", str(Path(cfg.backbone).resolve())),
+            "backbone_checksum": checksum, "data": data_cfg.model_dump()}
+    if resume and (out / runs.CONFIG).is_file():
+        runs.check_compatible(out, {"kind": "routed", "model": model_backbone.cfg.model_dump(),
+                                    **meta})
     # The frozen backbone's dense loss on training windows: the reference for threshold hits.
     reference, _ = evaluate(lambda x, y: causal_lm_loss(model_backbone(x).logits, y), data,
-                            "train", cfg.train.batch_size, block, device, cfg.train.eval_batches)
+                            "train", cfg.train.batch_size, block, device, cfg.train.eval_batches,
+                            cfg.train.amp)
     model = RoutedModel(model_backbone, cfg.routing)
     if cfg.routing.regime == "controller-only":
         model.freeze_backbone()
-    if resume and (out / runs.CONFIG).is_file():
-        runs.check_compatible(out, "routed", model_backbone.cfg)
     if is_main():  # under torchrun, one process writes the run folder
-        runs.write_run_config(out, "routed", model_backbone.cfg, backbone.tokenizer, extra={
-            "backbone": backbone.meta.get("ref", str(Path(cfg.backbone).resolve())),
-            "backbone_checksum": checksum,
-            "routing": cfg.routing.model_dump(), "data": data_cfg.model_dump()})
+        runs.write_run_config(out, "routed", model_backbone.cfg, backbone.tokenizer, extra=meta)
         dump_yaml(cfg, out / "config.yaml")
     objective = RoutingObjective(model, cfg.train.seed)
     result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
@@ -285,8 +277,11 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     if is_main():
         ck.save_checkpoint(out, result.step, objective.checkpoint_state(),
                            ck.load_train_state(latest) if latest else None)
-    if cfg.routing.regime == "controller-only" and backbone_checksum(backbone_params) != checksum:
+    with model.original_backbone() as original:
+        after = runs.fingerprint(original)
+    if cfg.routing.regime == "controller-only" and not runs.same_fingerprint(after, checksum):
         raise RuntimeError("controller-only training changed the backbone weights")
+    ctx = fl.causal_context(block)
     metrics = {
         **summarise(result.history, reference, cfg.routing, model.layers),
         "gate": cfg.routing.gate, "aux": list(cfg.routing.aux), "oracle": cfg.routing.oracle,
@@ -294,9 +289,8 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         "steps": result.step, "controlled_layers": model.layers,
         "reference_dense_loss": reference, "val_lm_causal": val_causal, "val_lm_topk": val_topk,
         "full_fraction_causal": fractions,
-        "flops_ratio_inference": model.inference_flops_per_token(
-            fl.causal_context(block), fractions) / sum(
-            fl.forward_per_token(model.cfg, fl.causal_context(block)).values()),
+        "flops_ratio_inference": model.inference_flops_per_token(ctx, fractions)
+        / model.reference_flops_per_token(ctx),
         "wall_s": result.wall_s,
         "lambda_jepa": cfg.routing.lambda_jepa,
         "prediction_variance": collapse,
@@ -307,13 +301,3 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         ck.write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
-
-@runs.register_loader("routed")
-def load_routed(run_dir: Path, meta: dict[str, Any], device: str) -> nn.Module:
-    backbone = load_backbone(meta["backbone"], device).model
-    if abs(backbone_checksum(list(backbone.parameters())) - meta["backbone_checksum"]) > 1e-6 * max(
-            1.0, abs(meta["backbone_checksum"])) and meta["routing"]["regime"] != "joint":
-        raise UserError(f"the backbone at {meta['backbone']} changed since {run_dir} was trained")
-    model = RoutedModel(backbone, RoutingConfig(**meta["routing"]))
-    load_routed_state(model, ck.load_file(str(ck.require_checkpoint(run_dir) / ck.WEIGHTS)))
-    return model.to(device)

@@ -52,7 +52,7 @@ def pretrain(cfg: PretrainConfig, out: Path, resume: bool = False,
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.block_size)
     cfg.model.check()
     if resume and (out / runs.CONFIG).is_file():
-        runs.check_compatible(out, "dense", cfg.model)
+        runs.check_compatible(out, {"kind": "dense", "model": cfg.model.model_dump()})
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     model = Transformer(cfg.model).to(device)

@@ -1,0 +1,87 @@
+"""Generation: the draft/verify loop over one shared cache, rows at their own positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from adadepth.config import ModelConfig
+from adadepth.generate import Sampler, generate
+from adadepth.model import KVCache, Transformer
+
+V = 30
+
+
+class ModelDrafter(nn.Module):
+    """A stand-in speculator: drafts with the model itself, then spoils the drafts of some rows
+    (those rows reject and fall behind, so rows end up at different positions)."""
+
+    def __init__(self, model: Transformer, spoil: list[int], draft_tokens: int = 3) -> None:
+        super().__init__()
+        self.model, self.spoil, self.draft_tokens = model, spoil, draft_tokens
+        self.gen = torch.Generator().manual_seed(0)
+        self.rounds = 0
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return self.model.new_cache(batch, max_len)
+
+    def forward(self, idx: Tensor, cache=None, start: int = 0, **kw):
+        return self.model(idx, cache, start, **kw)
+
+    @property
+    def speculator(self) -> ModelDrafter:
+        return self
+
+    def draft(self, last: Tensor, cache: KVCache, positions: Tensor, n: int,
+              sample: Sampler) -> tuple[Tensor, Tensor | None]:
+        self.rounds += 1
+        out, probs, token, pos = [], [], last, positions.unsqueeze(1)
+        for _ in range(n):
+            logits = self.model(token, cache, positions=pos).logits[:, -1]
+            token, p = sample(logits)
+            if self.spoil:
+                noise = torch.randint(0, V, (len(self.spoil), 1), generator=self.gen)
+                token = token.clone()
+                token[self.spoil] = noise
+            out.append(token)
+            if p is not None:
+                probs.append(p)
+            pos = pos + 1
+        return torch.cat(out, 1), (torch.stack(probs, 1) if probs else None)
+
+    def verify(self, tokens: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
+        return self.model(tokens, cache, positions=positions).logits
+
+
+def model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                                   max_seq_len=96)).eval()
+
+
+@pytest.mark.parametrize("spoil", [[], [1], [0, 2]])
+def test_greedy_speculative_decoding_equals_plain_greedy(spoil: list[int]) -> None:
+    base = model()
+    prompt = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected = generate(base, prompt, 40, temperature=0.0)
+    drafter = ModelDrafter(base, spoil)
+    got = generate(drafter, prompt, 40, temperature=0.0)
+    assert torch.equal(got, expected)
+    if not spoil:  # every draft accepted: 3 drafted + 1 verified token per round
+        assert drafter.rounds == 10
+    else:  # spoiled rows advance one token per round, so rounds ~ new tokens
+        assert drafter.rounds >= 39
+
+
+def test_speculative_sampling_keeps_tokens_in_range_and_lengths() -> None:
+    base = model()
+    prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(2))
+    out = generate(ModelDrafter(base, [1]), prompt, 25, temperature=0.9, top_k=10,
+                   generator=torch.Generator().manual_seed(3))
+    assert out.shape == (2, 29) and torch.equal(out[:, :4], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < V
