@@ -365,3 +365,10 @@ def test_controlled_decisions_are_causal_and_cached_decoding_decides_as_a_full_f
                 steps[j].append(r.record.mask)
     for j, m in enumerate(full):
         assert torch.equal(torch.cat(steps[j], 1), m)
+
+
+def test_token_depth_counts_full_path_layers():
+    model = routed(gate="static", budget=2 / 3, aux=[]).eval()
+    with torch.no_grad():
+        model(batch(b=2, t=5)[0])
+    assert torch.equal(model.token_depth(), torch.full((2, 5), 2))

@@ -63,6 +63,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     knob: ClassVar[Knob | None] = None
+    depth_unit: ClassVar[str] = ""  # what `token_depth` counts, for legends
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -162,6 +163,12 @@ class Method(nn.Module):
         """Record what the forwards inside the block really ran."""
         raise NotImplementedError(f"method {self.name!r} does not record its costs")
         yield
+
+    def token_depth(self) -> Tensor | None:
+        """Per token of the last forward call, (B, T): the compute it received, in
+        `depth_unit` (full-path layers, passes, layers run before exiting, ...); None when the
+        method keeps no record. `generate --show-depth` and the leaderboard colour text by it."""
+        return None
 
     speculator: Any = None  # a draft/verify decoder for `generate` (adadepth.generate.Speculator)
 

@@ -342,6 +342,7 @@ class RoutedModel(Method):
 
     name = "routing"
     knob = Knob("budget", (1.0, 0.75, 0.5, 0.25), low=0.0, high=1.0)
+    depth_unit = "controlled layers on the full path"
 
     def __init__(self, backbone: nn.Module, cfg: RoutingConfig) -> None:
         super().__init__(backbone)
@@ -497,6 +498,12 @@ class RoutedModel(Method):
             for x in batches:
                 run_layers(self.backbone, x.to(device))
         return m.summary()["full_fraction_per_layer"]
+
+    def token_depth(self) -> Tensor | None:
+        records = [r.record for r in self.routers]
+        if any(rec is None for rec in records):
+            return None
+        return torch.stack([rec.mask for rec in records]).sum(0)
 
     def full_fractions(self) -> list[float]:
         """Realised full fraction per controlled layer in the last forward."""
