@@ -153,6 +153,28 @@ def test_local_parquet_streams_through_datasets(tmp_path: Path) -> None:
     assert load_corpus(str(path), max_docs=10).val == texts[9:10]
 
 
+def test_a_hub_dataset_streams_once_then_reads_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    texts = [f"An educational page number {i}." for i in range(30)]
+    local = _fineweb_parquet(tmp_path / "fineweb.parquet", texts)
+    real_load, calls = datasets.load_dataset, []
+
+    def hub_from_a_local_file(repo: str, config: str | None, split: str, streaming: bool):
+        """The hub's fineweb-edu, served by a local file with its columns (no network)."""
+        calls.append((repo, config, split, streaming))
+        return real_load("parquet", data_files=str(local), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_from_a_local_file)
+    first = load_corpus("HuggingFaceFW/fineweb-edu:sample-10BT", max_docs=20)
+    again = load_corpus("HuggingFaceFW/fineweb-edu:sample-10BT", max_docs=20)
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert first.train + first.val == texts[:20] and again == first
+    load_corpus("HuggingFaceFW/fineweb-edu:sample-10BT", max_docs=25)  # another slice: streamed
+    assert len(calls) == 2
+
+
 def test_token_cache_is_reused(monkeypatch: pytest.MonkeyPatch, _cache: Path) -> None:
     corpus = Corpus("toy", ["abcabc", "cab"], ["bca"])
     tok = build_tokenizer("char", corpus)

@@ -1,4 +1,5 @@
-"""The aux-loss study end to end on a small backbone: every arm runs, the report is filled."""
+"""The aux-loss study end to end on a small backbone (every arm runs, the report is filled, a
+re-run resumes), its bad input, and its report's figures on hand-made runs."""
 
 from __future__ import annotations
 
@@ -6,38 +7,175 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
+from adadepth.cli import main
+from adadepth.errors import UserError
 from adadepth.studies.aux_losses import run_study
+from adadepth.studies.findings import by_arm, policy_table, recovery, scales_table
+from adadepth.studies.recipes import FINEWEB_EDU, RECORD, recipe_for
+from adadepth.studies.scales import other_scales
 from adadepth.train import checkpoint as ck
 
 STEPS, SEEDS = 3, 2
 ARMS = {"G1", "G3", "G1-A3", "G3-A3", "random", "all-full", "all-cheap"}
 
 
-def test_study_runs_every_arm_and_writes_a_filled_report(tiny_backbone: Path,
-                                                         tmp_path: Path) -> None:
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def study(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "study"
     # A backbone already in place (with its eval.json) is reused instead of pretrained.
     shutil.copytree(tiny_backbone, out / "backbone")
     ck.write_json_atomic(out / "backbone" / "eval.json", {"val_loss": 3.0})
-    results = run_study("tiny", SEEDS, out, steps=STEPS, device="cpu", show_progress=False)
+    run_study("tiny", SEEDS, out, steps=STEPS, device="cpu", show_progress=False)
+    return out
 
+
+def test_study_runs_every_arm_and_writes_a_filled_report(study: Path) -> None:
+    results = json.loads((study / "results.json").read_text())
     assert {(r["arm"], r["seed"]) for r in results["runs"]} == {
         (arm, seed) for arm in ARMS for seed in range(SEEDS)}
-    by_arm = {r["arm"]: r for r in results["runs"]}
-    assert all(f == 1.0 for f in by_arm["all-full"]["full_fraction_causal"])
-    assert all(f == 0.0 for f in by_arm["all-cheap"]["full_fraction_causal"])
+    by_name = {r["arm"]: r for r in results["runs"]}
+    assert all(f == 1.0 for f in by_name["all-full"]["full_fraction_causal"])
+    assert all(f == 0.0 for f in by_name["all-cheap"]["full_fraction_causal"])
     for r in results["runs"]:
         assert len(r["lm_curve"]) == STEPS and r["wall_s"] > 0
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["backbone"]["val_loss"] == 3.0 and len(on_disk["runs"]) == len(ARMS) * SEEDS
-    report = (out / "report.md").read_text()
+    assert results["backbone"]["val_loss"] == 3.0 and "path" not in results["backbone"]
+    assert results["recipe"]["controller_steps"] == STEPS
+    report = (study / "report.md").read_text()
     for arm in ARMS:
         assert f"| {arm} " in report or f"| {arm} |" in report, arm
     assert "n/a" not in report.split("##")[1]  # the main table has a figure in every cell
+    # The backbone is named by what it is, never by where it lies.
+    assert "the `tiny` preset backbone pretrained by this study" in report
+    assert str(study) not in report
+    for section in ("How the FLOPs proxy is counted", "Share of the loss gap recovered",
+                    "across scales"):
+        assert section in report, section
     for png in ("loss_curves.png", "full_fraction.png", "flops_proxy.png"):
-        assert (out / png).stat().st_size > 1000
+        assert (study / png).stat().st_size > 1000
 
-    # Re-running skips finished runs: no run folder is touched again.
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
-    run_study("tiny", SEEDS, out, steps=STEPS, device="cpu", show_progress=False)
-    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+
+def test_a_rerun_with_the_same_recipe_resumes(study: Path) -> None:
+    stamps = {p: p.stat().st_mtime_ns for p in (study / "runs").glob("*/metrics.json")}
+    run_study("tiny", SEEDS, study, steps=STEPS, device="cpu", show_progress=False)
+    assert stamps == {p: p.stat().st_mtime_ns for p in (study / "runs").glob("*/metrics.json")}
+
+
+def test_a_study_folder_of_another_recipe_is_refused(study: Path, capsys) -> None:
+    before = (study / RECORD).read_text()
+    with pytest.raises(UserError, match="another recipe.*controller_steps"):
+        run_study("tiny", SEEDS, study, steps=STEPS + 1, device="cpu", show_progress=False)
+    line = one_line_error(capsys, "study", "--out", study, "--steps", STEPS,
+                          "--corpus", "shakespeare")
+    assert "another recipe" in line and "corpus" in line
+    assert (study / RECORD).read_text() == before
+
+
+def test_runs_without_a_recorded_recipe_are_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "runs" / "G1-seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "G1-seed0" / "config.json").write_text("{}")
+    assert "cannot be checked" in one_line_error(capsys, "study", "--out", tmp_path)
+
+
+def one_line_error(capsys, *argv: object) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip("\n").split("\n")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("adadepth: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--corpus", "missing/plays.txt"], "no such file"),
+    (["--corpus", "{bad}"], "unknown corpus"),
+    (["--compare", "missing-study"], "no study results"),
+    (["--report-only"], "no study results"),
+])
+def test_bad_study_input_is_one_line_and_exit_2(argv: list[str], match: str, tmp_path: Path,
+                                               capsys) -> None:
+    line = one_line_error(capsys, "study", "--out", tmp_path / "out", *argv)
+    assert match in line
+    assert not (tmp_path / "out" / RECORD).exists()  # refused before anything was written
+
+
+def test_an_unreadable_corpus_file_is_refused(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "plays.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8 \xff")
+    assert "not UTF-8" in one_line_error(capsys, "study", "--out", tmp_path / "o", "--corpus", bad)
+
+
+def test_the_paper_recipe_streams_general_text_and_corpus_overrides_every_preset() -> None:
+    assert recipe_for("paper").corpus == FINEWEB_EDU and recipe_for("paper").max_docs
+    for preset in ("tiny", "small", "paper"):
+        recipe = recipe_for(preset, corpus="shakespeare", steps=7)
+        assert (recipe.corpus, recipe.controller_steps) == ("shakespeare", 7)
+    assert recipe_for("paper", corpus="shakespeare").max_docs is None
+
+
+# -- the report's figures on hand-made runs ----------------------------------------------------
+def run(arm: str, seed: int, val: float, **extra) -> dict:
+    """A run with what the findings read; training figures default to the validation loss."""
+    figures = {"avg_lm": val, "best_lm": val, "lm_curve": [val] * 8, "grad_norm_mean": 1.0,
+               "flops_proxy": 1.0, "prediction_variance": None}
+    return {"arm": arm, "seed": seed, "val_lm_causal": val, **figures, **extra}
+
+
+def test_recovery_is_the_share_of_the_gap_per_seed() -> None:
+    runs = [run("all-cheap", 0, 2.0), run("all-full", 0, 1.0), run("G1", 0, 1.25),
+            run("all-cheap", 1, 3.0), run("all-full", 1, 2.0), run("G1", 1, 2.5),
+            run("G3", 0, 2.2),  # worse than all-cheap: a negative share, not clipped
+            run("all-cheap", 2, 1.0), run("all-full", 2, 1.0), run("G1", 2, 1.0)]  # no gap
+    shares = recovery(by_arm(runs))
+    assert shares["G1"] == pytest.approx({0: 0.75, 1: 0.5})
+    assert shares["G3"] == pytest.approx({0: -0.2})
+    assert "all-cheap" not in shares and "all-full" not in shares
+
+
+def test_on_policy_against_off_policy_per_seed() -> None:
+    runs = [run("all-cheap", s, 2.0) for s in (0, 1)] + [run("all-full", s, 1.0) for s in (0, 1)]
+    runs += [run("G1", 0, 1.5), run("G1", 1, 1.5), run("G1-onpolicy", 0, 1.4),
+             run("G1-onpolicy", 1, 1.6)]
+    lines = policy_table(by_arm(runs))
+    assert any(line.startswith("| G1 | 0 | 1.5000 | 1.4000 | 50.0 % | 60.0 %") for line in lines)
+    assert "- G1: on-policy lower validation loss (causal) in 1/2 seeds" in lines[-1]
+    assert policy_table(by_arm(runs[:4])) == []  # no on-policy arm: no section
+
+
+def grad_norm_study(g1_over_g3: float) -> dict:
+    return by_arm([run("G1", 0, 1.5, grad_norm_mean=g1_over_g3), run("G3", 0, 1.5)])
+
+
+def test_scales_table_with_one_scale_says_the_others_did_not_run() -> None:
+    table = scales_table({"tiny": grad_norm_study(1.36)})
+    row = next(line for line in table if line.startswith("| G3 gradient norm"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["~10.3x lower", "1.36x lower: **partly (lower, not ~10x)**",
+                         "not run", "not run", "one scale only"]
+    a1 = next(line for line in table if "A1" in line)
+    assert "ablations not run" in a1
+
+
+def test_scales_table_shows_each_scale_and_the_trend() -> None:
+    table = scales_table({"tiny": grad_norm_study(1.36), "small": grad_norm_study(6.0)})
+    row = next(line for line in table if line.startswith("| G3 gradient norm"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["1.36x lower: **partly (lower, not ~10x)**", "6.00x lower: **yes**",
+                         "not run", "toward the paper (tiny → small)"]
+
+
+def test_other_scales_come_from_kept_reports_and_given_paths(tmp_path: Path) -> None:
+    kept = tmp_path / "docs" / "studies"
+    for preset in ("tiny", "small"):
+        folder = kept / f"aux-losses-{preset}"
+        folder.mkdir(parents=True)
+        ck.write_json_atomic(folder / "results.json", {"preset": preset, "runs": []})
+    given = tmp_path / "mine.json"
+    ck.write_json_atomic(given, {"preset": "paper", "runs": [run("G1", 0, 1.0)]})
+    found = other_scales("tiny", [str(given)], kept=kept)
+    assert set(found) == {"small", "paper"}  # the current preset's own column is its own
+    assert found["paper"]["source"] == str(given)
+    given.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        other_scales("tiny", [str(given)], kept=kept)

