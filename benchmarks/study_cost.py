@@ -2,7 +2,7 @@
 
     python benchmarks/study_cost.py --preset small --ablations [--probe-steps 12] [--threads 1]
         [--batch-size 16] [--block-size 128] [--backbone-steps 2000] [--controller-steps 400]
-        [routing.oracle_layers=2 ...]
+        [routing.oracle_layers=1 train.eval_batches=10 ...]
 
 Pretrains a probe backbone and trains each distinct controller run of the study (arms that
 differ only in lambda_jepa cost the same) for a few steps. The training loop's step clock is
@@ -90,14 +90,16 @@ def main() -> None:
     parser.add_argument("--out", help="where the probe runs go (default: a temporary folder)")
     for name in ("batch_size", "block_size", "backbone_steps", "controller_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-    parser.add_argument("routing", nargs="*", help="routing.key=value for every run")
+    parser.add_argument("overrides", nargs="*", help="routing.key=value or train.key=value for "
+                        "every controller run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = recipe_for(args.preset)
     sizes = {k: getattr(args, k) for k in ("batch_size", "block_size", "backbone_steps",
                                             "controller_steps") if getattr(args, k)}
-    routing = apply_overrides({"routing": dict(recipe.routing)}, args.routing)["routing"]
-    recipe = dataclasses.replace(recipe, **sizes, routing=routing)
+    options = apply_overrides({"routing": dict(recipe.routing), "train": dict(recipe.train)},
+                              args.overrides)
+    recipe = dataclasses.replace(recipe, **sizes, **options)
     print(f"recipe: {recipe}")
     out = Path(args.out or tempfile.mkdtemp(prefix="study-cost-"))
     n = args.probe_steps

@@ -114,7 +114,7 @@ def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, device: str)
         data=data,
         train={"steps": steps, "seed": seed, "batch_size": recipe.batch_size, "device": device,
                "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
-               "log_interval": 10},
+               "log_interval": 10, **recipe.train},
     )
 
 

@@ -31,6 +31,7 @@ class Recipe:
     backbone: str | None = None  # a packaged pretrained backbone instead of pretraining one
     max_docs: int | None = None  # documents taken from a streamed corpus (None: all / default)
     routing: dict[str, Any] = field(default_factory=dict)  # routing options of every run
+    train: dict[str, Any] = field(default_factory=dict)  # train options of every run
 
     def record(self, preset: str) -> dict[str, Any]:
         """What must agree for a study folder to be resumed."""

@@ -140,6 +140,18 @@ def backbone_words(results: dict[str, Any]) -> str:
             f"tokens on {tokens} `{bb['corpus']}`; validation loss {loss} nats/token)")
 
 
+def oracle_words(recipe: dict[str, Any]) -> str:
+    """How many controlled layers the util/rank oracle labels per step: it drives their cost."""
+    options = recipe.get("routing", {})
+    n = options.get("oracle_layers", 0)
+    words = ("util/rank label every controlled layer at every step" if not n else
+             f"util/rank label {n} controlled layer{'s' if n > 1 else ''} per step, drawn at "
+             "random")
+    others = [f"`routing.{k}={v}`" for k, v in options.items() if k != "oracle_layers"]
+    others += [f"`train.{k}={v}`" for k, v in recipe.get("train", {}).items()]
+    return words + (f"; every run also sets {', '.join(others)}" if others else "")
+
+
 def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, Any]]) -> None:
     """report.md and the plots in `out`; `other_scales` are other presets' results by preset."""
     arms = by_arm(results["runs"])
@@ -152,7 +164,8 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
         "",
         f"Preset `{results['preset']}`, {results['seeds']} seeds, {results['steps']} controller "
         f"steps per run of {recipe.get('batch_size', '?')} x {recipe.get('block_size', '?')} "
-        f"tokens from `{corpus}`. Backbone: {backbone_words(results)}. Every figure below "
+        f"tokens from `{corpus}`; {oracle_words(recipe)}. Backbone: {backbone_words(results)}. "
+        "Every figure below "
         "comes from the runs in `results.json`; LM losses are training-batch losses in "
         "nats/token (same batches for every arm of a seed); `val LM (causal)` is the validation "
         "loss under causal routing (per-layer thresholds calibrated on held-out text, then "
