@@ -137,6 +137,27 @@ def cmd_route(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in keys}))
 
 
+def cmd_fit(args: argparse.Namespace) -> None:
+    from adadepth.jobs.fit import FitConfig, fit, fit_config
+
+    defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
+    base = {k: defaults[k] for k in ("optim", "train")}
+    given = (("backbone", args.backbone), ("preset", args.preset))
+    flags: dict = {"method": args.method, **{k: v for k, v in given if v is not None}}
+    data = {k: v for k, v in (("corpus", args.corpus), ("tokenizer", args.tokenizer))
+            if v is not None}
+    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
+                               ("parallel", args.parallel)) if v is not None}
+    if data:
+        flags["data"] = data
+    if train:
+        flags["train"] = train
+    cfg = fit_config(config_dict(args, base, flags))
+    metrics = fit(cfg, Path(args.out), resume=args.resume)
+    print(json.dumps(rounded({k: v for k, v in metrics.items()
+                              if isinstance(v, int | float | str) or v is None})))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from adadepth.bench import run_cli
 
@@ -206,6 +227,25 @@ def build_parser() -> Parser:
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("fit", help="train any registered method, over a backbone or from "
+                       "scratch")
+    p.add_argument("--method", required=True, help="a registered method (see docs/methods.md)")
+    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
+                   "or a known backbone such as smollm2-135m; omit to train from scratch")
+    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
+    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
+                   "tiny-shakespeare)")
+    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. METHOD.option=... "
+                   "train.batch_size=8")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
     p.add_argument("run", help="the run folder of an adaptive method")

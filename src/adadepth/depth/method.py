@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from adadepth.model import KVCache, Output
+from adadepth.model import KVCache, Output, causal_lm_loss
 from adadepth.model.state import unique_state
 
 
@@ -68,6 +68,7 @@ class Method(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.trains_backbone = False  # set by set_trainable, or by loading backbone weights
 
     @property
     def cfg(self) -> Any:
@@ -96,7 +97,7 @@ class Method(nn.Module):
 
     def backbone_trained(self) -> bool:
         """True when training changed the backbone's weights, so they are saved too."""
-        return False
+        return self.trains_backbone
 
     @contextlib.contextmanager
     def original_backbone(self) -> Iterator[nn.Module]:
@@ -129,9 +130,47 @@ class Method(nn.Module):
                 missing, unexpected = module.load_state_dict(backbone, strict=False)
             if unexpected:
                 raise ValueError(f"backbone weights that fit no module: {unexpected[:3]}")
+            self.trains_backbone = True
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- training (`adadepth fit` and the commands built on it) ---------------------------------
+    def set_trainable(self, from_scratch: bool) -> None:
+        """Which weights train: everything when the backbone is new, else by default only what
+        the method added, on a frozen backbone."""
+        self.trains_backbone = from_scratch
+        self.requires_grad_(from_scratch)
+        for module in self.method_modules().values():
+            module.requires_grad_(True)
+
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss one training step minimises, and figures to log; by default the LM loss
+        of the method's own training-mode forward."""
+        loss = causal_lm_loss(self(x).logits, y)
+        return loss, {"lm_loss": loss.item()}
+
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per token of one training step, for utilisation and the training-cost figures.
+        The default charges the dense forward plus a backward of twice that when the backbone
+        trains, once that when it is frozen (gradients cross it, inputs only); methods whose
+        steps cost otherwise say so."""
+        forward = self.reference_flops_per_token((seq_len + 1) / 2)
+        return forward * (3 if self.backbone_trained() else 2)
+
+    def held_back(self, step: int) -> set[str]:
+        """Names of parameters that take no optimizer step at `step` (staged training)."""
+        return set()
+
+    @property
+    def may_skip_parameters(self) -> bool:
+        """True when a trainable parameter may get no gradient in a step (DDP must know)."""
+        return False
+
+    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+        """Calibrate what deployment needs on held-out windows (`calibration`), measure on
+        others (`held_out`); returns figures for the run's metrics.json."""
+        return {}
 
     # -- evaluation -----------------------------------------------------------------------------
     def eval_report(self, data: Any, block_size: int, batch_size: int,
@@ -182,4 +221,5 @@ class MethodSpec:
     build: Callable[[nn.Module, Any], Method]  # (backbone, config) -> model
     kind: str  # what run folders of this method say in config.json
     summary: str = ""
+    command: str | None = None  # the command that trains it, when not the generic `fit`
 

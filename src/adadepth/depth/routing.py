@@ -598,4 +598,5 @@ class RoutedModel(Method):
 
 register("method", "routing")(MethodSpec(
     name="routing", config=RoutingConfig, build=RoutedModel, kind="routed",
-    summary="conditional depth routing: per token, full or cheap FFN at controlled layers"))
+    summary="conditional depth routing: per token, full or cheap FFN at controlled layers",
+    command="route"))

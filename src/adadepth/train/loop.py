@@ -38,6 +38,10 @@ class StepOutput:
 
 
 class Objective(Protocol):
+    """What the loop trains. Optionally also `held_back(step) -> parameter names` (staged
+    training: their gradients are dropped that step) and `may_skip_parameters` (DDP then
+    looks for unused parameters)."""
+
     def __call__(self, x: Tensor, y: Tensor, step: int) -> StepOutput: ...
     def lm_loss(self, x: Tensor, y: Tensor) -> Tensor: ...
     def checkpoint_state(self) -> dict[str, Tensor]: ...
@@ -194,6 +198,12 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
             flops += out.flops
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / train_cfg.grad_accum
+        held = getattr(objective, "held_back", None)
+        if held is not None:  # staged training: parameters that sit this step out take no step
+            names = held(step)
+            for name, p in par.named_parameters():
+                if name in names:
+                    p.grad = None
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = par.clip_grad_norm(params, clip)
         optimizer.step()

@@ -269,6 +269,11 @@ class Parallel:
             self.model.set_requires_gradient_sync(sync)
         yield
 
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trained parameters under the names they have in the caller's objective."""
+        inner = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return inner.named_parameters()
+
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full = getattr(norm, "full_tensor", None)  # sharded gradients give a DTensor norm
