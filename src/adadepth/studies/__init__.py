@@ -8,15 +8,21 @@ from pathlib import Path
 
 from adadepth.errors import UserError
 
-STUDIES = ("aux-losses",)
+STUDIES = ("aux-losses", "ensemble")
 
 
 def run_study(args: argparse.Namespace) -> None:
     if args.name not in STUDIES:
         raise UserError(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}")
-    from adadepth.studies.aux_losses import run_study as aux_losses
+    out = Path(args.out or f"runs/study-{args.name}")
+    if args.name == "ensemble":
+        from adadepth.studies.ensemble import run_study as ensemble
 
-    results = aux_losses(args.preset, args.seeds, Path(args.out), ablations=args.ablations,
-                         steps=args.steps, device=args.device)
-    print(json.dumps({"out": args.out, "runs": len(results["runs"]),
-                      "report": str(Path(args.out) / "report.md")}))
+        results = ensemble(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    else:
+        from adadepth.studies.aux_losses import run_study as aux_losses
+
+        results = aux_losses(args.preset, args.seeds, out, ablations=args.ablations,
+                             steps=args.steps, device=args.device)
+    print(json.dumps({"out": str(out), "runs": len(results["runs"]),
+                      "report": str(out / "report.md")}))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adadepth.config import PretrainConfig, preset
+from adadepth.config import ModelConfig, PretrainConfig, preset
 from adadepth.errors import UserError
 from adadepth.jobs.pretrain import pretrain
 from adadepth.jobs.route import RouteConfig, route
@@ -87,15 +87,16 @@ RECIPES = {
 
 
 def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
-                 show_progress: bool) -> Path:
-    """Pretrain the study's backbone once (resumable); a packaged one is converted instead."""
+                 show_progress: bool, model: ModelConfig | None = None) -> Path:
+    """Pretrain the study's backbone once (resumable), of the preset's shape unless `model` is
+    given; a packaged one is converted instead."""
     if recipe.backbone is not None:
         from adadepth.hf import ensure_backbone
 
         return ensure_backbone(recipe.backbone)
     path = out / "backbone"
     if not (path / "eval.json").is_file():
-        cfg = PretrainConfig(preset=preset_name, model=preset(preset_name),
+        cfg = PretrainConfig(preset=preset_name, model=model or preset(preset_name),
                              data={"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
                                    "block_size": recipe.block_size},
                              train={"steps": recipe.backbone_steps, "device": device,
