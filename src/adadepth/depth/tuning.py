@@ -160,6 +160,9 @@ class TunedModel(Method):
         for module in self.method_modules().values():
             module.requires_grad_(True)
 
+    def backbone_trained(self) -> bool:
+        return self.full or self.trains_backbone
+
     @contextlib.contextmanager
     def original_backbone(self) -> Iterator[nn.Module]:
         with without_lora(self.backbone) if self.adapters else contextlib.nullcontext():

@@ -60,6 +60,7 @@ class Recipe:
     backbone: str | None = None  # a packaged pretrained backbone instead of pretraining
     model: dict[str, Any] = field(default_factory=dict)  # changes to the preset's shape
     seeds: int = 3
+    threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
 RECIPES = {
@@ -67,7 +68,8 @@ RECIPES = {
     "tiny": Recipe("shakespeare:tragedies+histories+roman", "shakespeare:comedies", "char",
                    block_size=64, batch_size=12, backbone_steps=800, tune_steps=250,
                    eval_batches=20, model={"n_layers": 6},
-                   lr={"ensemble": 3e-3, "lora": 3e-3, "ensemble+lora": 3e-3, "full": 1e-3}),
+                   lr={"ensemble": 3e-3, "lora": 3e-3, "ensemble+lora": 3e-3, "full": 1e-3},
+                   threads=1),  # a second thread gains nothing at this width, and contends
     # SmolLM2-135M on a CPU: a few steps per arm, one seed unless asked for more.
     "smollm2": Recipe("", "shakespeare", "", block_size=128, batch_size=4, backbone_steps=0,
                       tune_steps=30, eval_batches=4, backbone="smollm2-135m", seeds=1,
@@ -113,6 +115,8 @@ def run_study(preset_name: str, seeds: int | None, out: Path, steps: int | None 
     recipe = RECIPES[preset_name]
     steps, seeds = steps or recipe.tune_steps, seeds or recipe.seeds
     out.mkdir(parents=True, exist_ok=True)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
     shape = None if recipe.backbone else ModelConfig(**{**preset("tiny").model_dump(),
                                                          **recipe.model})
     bb = backbone_dir(out, recipe, "tiny", device, show_progress, model=shape)
