@@ -171,17 +171,20 @@ class EnsembleModel(TunedModel):
         if self.reference:  # bench: the pretrained model
             return super().forward(idx, cache, start, positions=positions)
         states = self.late_states(idx, cache, start, positions)[-self.active:]
+        logits, heads = self.read_out(states)
+        self.count(idx.numel(), heads=heads, mixed=float(len(states)))
+        return Output(logits=logits, hidden=states[-1])
+
+    def read_out(self, states: list[Tensor]) -> tuple[Tensor, float]:
+        """The combined logits of the last len(states) late layers, and how many times the
+        head ran per token: once on the mixed normalised states when it can, else per layer."""
         k = len(states)
         normed = [norm(h) for norm, h in zip(self.late.norms[-k:], states, strict=True)]
         weights = self.late.weights(normed[-1], k)
         if self.mix_states:
             mixed = sum(weights[..., j, None] * u for j, u in enumerate(normed))
-            logits, heads = self.backbone.unembed(mixed), 1.0
-        else:
-            logits = mix([self.backbone.unembed(u) for u in normed], weights, self.ecfg.combine)
-            heads = float(k)
-        self.count(idx.numel(), heads=heads, mixed=float(k))
-        return Output(logits=logits, hidden=states[-1])
+            return self.backbone.unembed(mixed), 1.0
+        return mix([self.backbone.unembed(u) for u in normed], weights, self.ecfg.combine), float(k)
 
     def layer_outputs(self, idx: Tensor) -> tuple[list[Tensor], Tensor]:
         """Every late layer's logits and the routing weights (B, T, n): what training and the

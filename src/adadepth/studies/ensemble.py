@@ -71,8 +71,8 @@ RECIPES = {
                    lr={"ensemble": 3e-3, "lora": 3e-3, "ensemble+lora": 3e-3, "full": 1e-3},
                    threads=1),  # a second thread gains nothing at this width, and contends
     # SmolLM2-135M on a CPU: a few steps per arm, one seed unless asked for more.
-    "smollm2": Recipe("", "shakespeare", "", block_size=128, batch_size=4, backbone_steps=0,
-                      tune_steps=30, eval_batches=4, backbone="smollm2-135m", seeds=1,
+    "smollm2": Recipe("", "shakespeare", "", block_size=64, batch_size=4, backbone_steps=0,
+                      tune_steps=12, eval_batches=4, backbone="smollm2-135m", seeds=1,
                       lr={"ensemble": 3e-3, "lora": 1e-3, "ensemble+lora": 1e-3,
                           "full": 5e-5}),
 }
@@ -143,7 +143,8 @@ def run_study(preset_name: str, seeds: int | None, out: Path, steps: int | None 
         else {}
     study = {"preset": preset_name, "seeds": seeds, "steps": steps,
              "recipe": {k: v for k, v in vars(recipe).items()},
-             "backbone": {"path": str(bb), "val_loss_own_corpus": pretrained.get("val_loss")},
+             "backbone": {"path": recipe.backbone or str(bb.relative_to(out)),
+                          "val_loss_own_corpus": pretrained.get("val_loss")},
              "before": before, "runs": results}
     ck.write_json_atomic(out / "results.json", study)
     ensemble_report.write(study, out)
