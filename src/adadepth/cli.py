@@ -294,7 +294,8 @@ def build_parser() -> Parser:
     p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default) or "
                    "ensemble")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--seeds", type=positive_int, help="default: the study's own (3; "
+                   "1 for ensemble's smollm2 preset on a CPU)")
     p.add_argument("--steps", type=positive_int, help="controller steps per run")
     p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
     p.add_argument("--out", help="default runs/study-NAME")

@@ -22,7 +22,7 @@ def run_study(args: argparse.Namespace) -> None:
     else:
         from adadepth.studies.aux_losses import run_study as aux_losses
 
-        results = aux_losses(args.preset, args.seeds, out, ablations=args.ablations,
+        results = aux_losses(args.preset, args.seeds or 3, out, ablations=args.ablations,
                              steps=args.steps, device=args.device)
     print(json.dumps({"out": str(out), "runs": len(results["runs"]),
                       "report": str(out / "report.md")}))

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from adadepth.config import ModelConfig, PretrainConfig, preset
 from adadepth.errors import UserError
 from adadepth.jobs.pretrain import pretrain
 from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
+from adadepth.studies.plan import run_plan
 from adadepth.train import checkpoint as ck
 
 
@@ -131,18 +131,13 @@ def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
     bb = backbone_dir(out, recipe, preset_name, device, show_progress)
     arms = MAIN + BASELINES + (ABLATIONS if ablations else [])
     plan = [(arm, seed) for seed in range(seeds) for arm in arms]
-    runs: list[dict[str, Any]] = []
-    bar = tqdm(plan, desc="aux-loss study", disable=not show_progress, dynamic_ncols=True)
-    for arm, seed in bar:
-        run_dir = out / "runs" / f"{arm.name}-seed{seed}"
-        bar.set_postfix(run=run_dir.name)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: the study is resumable
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            cfg = run_config(arm, seed, bb, recipe, steps, device)
-            metrics = route(cfg, run_dir, resume=True, show_progress=False)
-        runs.append({**metrics, "arm": arm.name, "group": arm.group})
+
+    def launch(arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
+        cfg = run_config(arm, seed, bb, recipe, steps, device)
+        return route(cfg, run_dir, resume=True, show_progress=False)
+
+    done = run_plan(plan, out, lambda arm: arm.name, launch, "aux-loss study", show_progress)
+    runs = [{**metrics, "arm": arm.name, "group": arm.group} for arm, metrics in done]
     backbone_eval = json.loads((bb / "eval.json").read_text()) if (bb / "eval.json").is_file() \
         else {}
     results = {"preset": preset_name, "seeds": seeds, "steps": steps, "backbone": {

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from adadepth import runs
 from adadepth.config import ModelConfig, preset
@@ -38,6 +37,7 @@ from adadepth.jobs.fit import FitConfig, fit
 from adadepth.model import causal_lm_loss
 from adadepth.studies import ensemble_report
 from adadepth.studies.aux_losses import backbone_dir
+from adadepth.studies.plan import run_plan
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
 
@@ -127,18 +127,13 @@ def run_study(preset_name: str, seeds: int | None, out: Path, steps: int | None 
         before = before_tuning(bb, recipe, device)
         ck.write_json_atomic(before_path, before)
     plan = [(arm, seed) for seed in range(seeds) for arm in ARMS]
-    results: list[dict[str, Any]] = []
-    bar = tqdm(plan, desc="ensemble study", disable=not show_progress, dynamic_ncols=True)
-    for arm, seed in bar:
-        run_dir = out / "runs" / f"{arm}-seed{seed}"
-        bar.set_postfix(run=run_dir.name)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: the study is resumable
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            cfg = run_config(arm, seed, bb, recipe, steps, device)
-            metrics = fit(cfg, run_dir, resume=True, show_progress=False)
-        results.append({**metrics, "arm": arm})
+
+    def launch(arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
+        return fit(run_config(arm, seed, bb, recipe, steps, device), run_dir, resume=True,
+                   show_progress=False)
+
+    done = run_plan(plan, out, str, launch, "ensemble study", show_progress)
+    results = [{**metrics, "arm": arm} for arm, metrics in done]
     pretrained = json.loads((bb / "eval.json").read_text()) if (bb / "eval.json").is_file() \
         else {}
     study = {"preset": preset_name, "seeds": seeds, "steps": steps,

@@ -12,7 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from adadepth.studies.report import by_arm, count, head_to_head, mean_std  # noqa: E402
+from adadepth.studies.report import (  # noqa: E402
+    by_arm,
+    count,
+    head_to_head,
+    mean_std,
+    save_figure,
+)
 from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
 
 Run = dict[str, Any]
@@ -164,10 +170,8 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="validation loss (nats/token)",
            title="validation loss after tuning against trainable parameters")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_parameters.png", dpi=110)
-    plt.close(fig)
-    files = ["loss_vs_parameters.png"]
+    files: list[str] = []
+    save_figure(fig, out, "loss_vs_parameters.png", files)
 
     present = [a for a in ENSEMBLES if a in arms]
     if present:
@@ -184,10 +188,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
             ax.set_xticks(x, [str(layer) for layer in layers])
             ax.set(title=f"{a}: routing weights", xlabel="late layer", ylim=(0, 1))
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "routing_weights.png", dpi=110)
-        plt.close(fig)
-        files.append("routing_weights.png")
+        save_figure(fig, out, "routing_weights.png", files)
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         layers = before["late_layers"]
@@ -199,10 +200,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
         ax.set(xlabel="layer", ylabel="validation loss of the layer alone",
                title="each late layer's own loss", xticks=layers)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "late_layers.png", dpi=110)
-        plt.close(fig)
-        files.append("late_layers.png")
+        save_figure(fig, out, "late_layers.png", files)
     return files
 
 
