@@ -100,15 +100,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
     model = loaded.model
+    adaptive = isinstance(model, Method)
+    if args.show_depth and not adaptive:
+        raise UserError(f"{args.run} is a dense model: every token gets every layer, there is "
+                        "no depth to show")
+    depth: list = [] if args.show_depth else None
     with contextlib.ExitStack() as stack:
-        measurement = stack.enter_context(model.measure()) if isinstance(model, Method) else None
+        measurement = stack.enter_context(model.measure()) if adaptive else None
         out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                       generator=gen)
-    for row in out.tolist():
-        print(loaded.tokenizer.decode(row))
+                       generator=gen, depth=depth)
+    for b, row in enumerate(out.tolist()):
+        if depth:
+            print(show_depth(model, loaded.tokenizer, row, depth, b, not args.no_color))
+        else:
+            print(loaded.tokenizer.decode(row))
         print("---")
     if measurement is not None:  # what the adaptive model really ran (prompt included)
         print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
+
+
+def show_depth(model, tokenizer, ids: list[int], depth: list, row: int, colour: bool) -> str:
+    """One generated row as text coloured by the compute each token received."""
+    import os
+
+    import torch
+
+    from adadepth.depthmap import DepthText, terminal
+
+    values = torch.cat([d[row] for d in depth]).tolist()
+    values += [None] * (len(ids) - len(values))  # the last new token was never fed
+    text = DepthText("", [tokenizer.decode([i]) for i in ids], values, model.depth_unit,
+                     model.most_token_depth())
+    return terminal(text, colour and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
 
 
 def aux_list(text: str) -> list[str]:
@@ -210,6 +233,10 @@ def build_parser() -> Parser:
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--show-depth", action="store_true",
+                   help="colour each token by the compute it received (adaptive models)")
+    p.add_argument("--no-color", action="store_true",
+                   help="with --show-depth: numbers under the tokens instead of colour")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("route", help="train a conditional depth-routing controller")

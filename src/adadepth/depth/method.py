@@ -203,6 +203,10 @@ class Method(nn.Module):
         raise NotImplementedError(f"method {self.name!r} does not record its costs")
         yield
 
+    def most_token_depth(self) -> float:
+        """The largest `token_depth` one token can receive (the top of the colour scale)."""
+        return float(self.backbone.n_layers)
+
     def token_depth(self) -> Tensor | None:
         """Per token of the last forward call, (B, T): the compute it received, in
         `depth_unit` (full-path layers, passes, layers run before exiting, ...); None when the

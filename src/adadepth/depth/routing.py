@@ -499,6 +499,9 @@ class RoutedModel(Method):
                 run_layers(self.backbone, x.to(device))
         return m.summary()["full_fraction_per_layer"]
 
+    def most_token_depth(self) -> float:
+        return float(len(self.routers))
+
     def token_depth(self) -> Tensor | None:
         records = [r.record for r in self.routers]
         if any(rec is None for rec in records):
