@@ -294,12 +294,17 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_backbone)
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
-    p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default)")
+    p.add_argument("name", nargs="?", default="aux-losses",
+                   help="aux-losses (default) or leaderboard")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, help="controller steps per run")
-    p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
-    p.add_argument("--out", default="runs/study-aux-losses")
+    p.add_argument("--steps", type=positive_int, help="controller steps per run (aux-losses)")
+    p.add_argument("--ablations", action="store_true",
+                   help="aux-losses: add A1, A4, 25%% budget, on-policy")
+    p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")
+    p.add_argument("--budgets", help="leaderboard: comma list of FLOPs budgets in (0, 1] "
+                   "(default 0.5,0.75)")
+    p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_study)
     return parser

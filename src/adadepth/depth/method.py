@@ -184,6 +184,10 @@ class Method(nn.Module):
         method needs to); the returned call switches the model to it, cheaply and repeatably."""
         raise NotImplementedError(f"method {self.name!r} has no cost knob")
 
+    def current_knob_value(self) -> float | None:
+        """The knob's present value (for a run benched at the setting it was left in)."""
+        return None
+
     def current_setting(self) -> Callable[[], None]:
         """A call that puts the present knob setting back (bench restores it when done)."""
         return lambda: None

@@ -5,18 +5,36 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from adadepth.errors import UserError
 
-STUDIES = ("aux-losses",)
+
+def run_aux_losses(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.aux_losses import run_study
+
+    results = run_study(args.preset, args.seeds, out, ablations=args.ablations,
+                        steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
+def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.bench import parse_list
+    from adadepth.studies.leaderboard import run_study
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    budgets = parse_list(args.budgets, float, "budgets") if args.budgets else None
+    results = run_study(args.preset, args.seeds, out, methods=methods, budgets=budgets,
+                        device=args.device)
+    return {"rows": len(results["rows"])}
+
+
+STUDIES = {"aux-losses": run_aux_losses, "leaderboard": run_leaderboard}
 
 
 def run_study(args: argparse.Namespace) -> None:
     if args.name not in STUDIES:
         raise UserError(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}")
-    from adadepth.studies.aux_losses import run_study as aux_losses
-
-    results = aux_losses(args.preset, args.seeds, Path(args.out), ablations=args.ablations,
-                         steps=args.steps, device=args.device)
-    print(json.dumps({"out": args.out, "runs": len(results["runs"]),
-                      "report": str(Path(args.out) / "report.md")}))
+    out = Path(args.out or f"runs/study-{args.name}")
+    summary = STUDIES[args.name](args, out)
+    print(json.dumps({"out": str(out), **summary, "report": str(out / "report.md")}))
