@@ -100,15 +100,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
     model = loaded.model
+    adaptive = isinstance(model, Method)
+    if args.show_depth and not adaptive:
+        raise UserError(f"{args.run} is a dense model: every token gets every layer, there is "
+                        "no depth to show")
+    depth: list = [] if args.show_depth else None
     with contextlib.ExitStack() as stack:
-        measurement = stack.enter_context(model.measure()) if isinstance(model, Method) else None
+        measurement = stack.enter_context(model.measure()) if adaptive else None
         out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                       generator=gen)
-    for row in out.tolist():
-        print(loaded.tokenizer.decode(row))
+                       generator=gen, depth=depth)
+    for b, row in enumerate(out.tolist()):
+        if depth:
+            print(show_depth(model, loaded.tokenizer, row, depth, b, not args.no_color))
+        else:
+            print(loaded.tokenizer.decode(row))
         print("---")
     if measurement is not None:  # what the adaptive model really ran (prompt included)
         print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
+
+
+def show_depth(model, tokenizer, ids: list[int], depth: list, row: int, colour: bool) -> str:
+    """One generated row as text coloured by the compute each token received."""
+    import os
+
+    import torch
+
+    from adadepth.depthmap import DepthText, terminal
+
+    values = torch.cat([d[row] for d in depth]).tolist()
+    values += [None] * (len(ids) - len(values))  # the last new token was never fed
+    text = DepthText("", [tokenizer.decode([i]) for i in ids], values, model.depth_unit,
+                     model.most_token_depth())
+    return terminal(text, colour and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
 
 
 def aux_list(text: str) -> list[str]:
@@ -219,6 +242,10 @@ def build_parser() -> Parser:
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--show-depth", action="store_true",
+                   help="colour each token by the compute it received (adaptive models)")
+    p.add_argument("--no-color", action="store_true",
+                   help="with --show-depth: numbers under the tokens instead of colour")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("route", help="train a conditional depth-routing controller")
@@ -291,14 +318,18 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_backbone)
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
-    p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default) or "
-                   "ensemble")
+    p.add_argument("name", nargs="?", default="aux-losses",
+                   help="aux-losses (default), ensemble or leaderboard")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--seeds", type=positive_int, help="default: the study's own (3; "
-                   "1 for ensemble's smollm2 preset on a CPU)")
-    p.add_argument("--steps", type=positive_int, help="controller steps per run")
-    p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
-    p.add_argument("--out", help="default runs/study-NAME")
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, help="steps per run (aux-losses: controller "
+                   "steps; ensemble: tuning steps)")
+    p.add_argument("--ablations", action="store_true",
+                   help="aux-losses: add A1, A4, 25%% budget, on-policy")
+    p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")
+    p.add_argument("--budgets", help="leaderboard: comma list of FLOPs budgets in (0, 1] "
+                   "(default 0.5,0.75)")
+    p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_study)
     return parser

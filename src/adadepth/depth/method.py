@@ -194,6 +194,10 @@ class Method(nn.Module):
         method needs to); the returned call switches the model to it, cheaply and repeatably."""
         raise NotImplementedError(f"method {self.name!r} has no cost knob")
 
+    def current_knob_value(self) -> float | None:
+        """The knob's present value (for a run benched at the setting it was left in)."""
+        return None
+
     def current_setting(self) -> Callable[[], None]:
         """A call that puts the present knob setting back (bench restores it when done)."""
         return lambda: None
@@ -212,6 +216,10 @@ class Method(nn.Module):
         """Record what the forwards inside the block really ran."""
         raise NotImplementedError(f"method {self.name!r} does not record its costs")
         yield
+
+    def most_token_depth(self) -> float:
+        """The largest `token_depth` one token can receive (the top of the colour scale)."""
+        return float(self.backbone.n_layers)
 
     def token_depth(self) -> Tensor | None:
         """Per token of the last forward call, (B, T): the compute it received, in

@@ -499,6 +499,9 @@ class RoutedModel(Method):
                 run_layers(self.backbone, x.to(device))
         return m.summary()["full_fraction_per_layer"]
 
+    def most_token_depth(self) -> float:
+        return float(len(self.routers))
+
     def token_depth(self) -> Tensor | None:
         records = [r.record for r in self.routers]
         if any(rec is None for rec in records):
@@ -510,19 +513,25 @@ class RoutedModel(Method):
         return [r.record.mask.float().mean().item() for r in self.routers]
 
     def inference_flops_per_token(self, context: float, fractions: list[float],
-                                  budget: float | None = None) -> float:
-        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes),
-        under causal routing at `budget` (default: each layer's own)."""
+                                  budget: float | None = None,
+                                  gates_run: list[float] | None = None) -> float:
+        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes).
+        `gates_run` is the fraction of tokens whose gate (and predictor) ran at each layer, as
+        recorded; without it, the gate runs wherever a score can matter: under causal routing
+        at `budget` (default: each layer's own) below 1, with a gate that is not constant."""
         dense = fl.forward_per_token(self.cfg, context)
         per_layer_ffn = dense["ffn"] / self.cfg.n_layers
         total = sum(dense.values())
-        for r, f in zip(self.routers, fractions, strict=True):
+        for j, (r, f) in enumerate(zip(self.routers, fractions, strict=True)):
             total += (f - 1) * per_layer_ffn + (1 - f) * fl.module_flops(r.cheap)
-            if r.gate.fixed is None and (r.budget if budget is None else budget) < 1:
-                # at budget 1 (or with a constant gate) no score is needed: the gate is not run
-                total += fl.module_flops(r.gate)
-                if r.predictor is not None:
-                    total += fl.module_flops(r.predictor)
+            if gates_run is not None:
+                ran = gates_run[j]
+            else:
+                ran = float(r.gate.fixed is None and (r.budget if budget is None else budget) < 1)
+            gate = fl.module_flops(r.gate)
+            if r.predictor is not None:
+                gate += fl.module_flops(r.predictor)
+            total += ran * gate
         return total
 
     @torch.no_grad()
@@ -549,6 +558,9 @@ class RoutedModel(Method):
                 r.spread.fill_(s)
         return apply
 
+    def current_knob_value(self) -> float | None:
+        return self.routers[0].budget
+
     def current_setting(self) -> Callable[[], None]:
         return self._setting(self.routers[0].budget, [r.threshold.item() for r in self.routers],
                              [r.spread.item() for r in self.routers])
@@ -568,13 +580,17 @@ class RoutedModel(Method):
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
-        """Full fraction per controlled layer over every routed forward in the block."""
-        totals = torch.zeros(len(self.routers), dtype=torch.float64)
+        """Full fraction per controlled layer, and how often each gate ran, over every routed
+        forward in the block."""
+        full = torch.zeros(len(self.routers), dtype=torch.float64)
+        gated = torch.zeros(len(self.routers), dtype=torch.float64)
         count = [0]
 
         def hook(j: int) -> Callable[..., None]:
             def record(module: RoutedFFN, _args: Any, _out: Any) -> None:
-                totals[j] += module.record.mask.sum().item()
+                full[j] += module.record.mask.sum().item()
+                if module.record.score is not None:  # the gate ran on these tokens
+                    gated[j] += module.record.mask.numel()
                 if j == 0:
                     count[0] += module.record.mask.numel()
             return record
@@ -582,14 +598,15 @@ class RoutedModel(Method):
         hooks = [r.register_forward_hook(hook(j)) for j, r in enumerate(self.routers)]
         budget = self.routers[0].budget  # the setting measured, whatever is set later
 
-        def fractions() -> list[float]:
+        def fractions(totals: torch.Tensor) -> list[float]:
             return (totals / max(count[0], 1)).tolist()
 
         try:
             yield Measurement(
-                lambda context: self.inference_flops_per_token(context, fractions(), budget),
-                lambda: {"full_fraction": sum(fractions()) / len(self.routers),
-                         "full_fraction_per_layer": fractions(),
+                lambda context: self.inference_flops_per_token(
+                    context, fractions(full), gates_run=fractions(gated)),
+                lambda: {"full_fraction": sum(fractions(full)) / len(self.routers),
+                         "full_fraction_per_layer": fractions(full),
                          "budget": budget, "tokens": count[0]})
         finally:
             for h in hooks:

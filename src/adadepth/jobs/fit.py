@@ -183,9 +183,7 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
         "method": spec.name, "method_config": options.model_dump(), "steps": steps,
         "seed": cfg.train.seed, "val_loss": val, "train_loss_last": lm[-1] if lm else None,
         "trainable_parameters": model.trainable_parameters(),
-        "training_flops": sum(row.get("flops_per_s", 0.0) * cfg.train.batch_size * block
-                              * cfg.train.grad_accum / max(row["tokens_per_s"], 1e-9)
-                              for row in history),
+        "training_flops": sum(row["flops"] for row in history),
         "reference_flops_per_token": model.reference_flops_per_token(context),
         "dense_flops_per_token": sum(fl.forward_per_token(model.cfg, context).values()),
         "wall_s": wall, **calibrated, **report,

@@ -280,6 +280,9 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         "flops_ratio_inference": model.inference_flops_per_token(ctx, fractions)
         / model.reference_flops_per_token(ctx),
         "wall_s": result.wall_s,
+        "training_flops": sum(row["flops"] for row in result.history),
+        "trainable_parameters": sum(p.numel() for p in model.controller_parameters())
+        if cfg.routing.regime == "controller-only" else model.trainable_parameters(),
         "lambda_jepa": cfg.routing.lambda_jepa,
         "prediction_variance": collapse,
     }

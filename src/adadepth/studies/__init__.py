@@ -5,24 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from adadepth.errors import UserError
 
-STUDIES = ("aux-losses", "ensemble")
+
+def run_aux_losses(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.aux_losses import run_study
+
+    results = run_study(args.preset, args.seeds, out, ablations=args.ablations,
+                        steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
+def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.bench import parse_list
+    from adadepth.studies.leaderboard import run_study
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    budgets = parse_list(args.budgets, float, "budgets") if args.budgets else None
+    results = run_study(args.preset, args.seeds, out, methods=methods, budgets=budgets,
+                        device=args.device)
+    return {"rows": len(results["rows"])}
+
+
+def run_ensemble(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ensemble import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
+STUDIES = {"aux-losses": run_aux_losses, "ensemble": run_ensemble,
+           "leaderboard": run_leaderboard}
 
 
 def run_study(args: argparse.Namespace) -> None:
     if args.name not in STUDIES:
         raise UserError(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}")
     out = Path(args.out or f"runs/study-{args.name}")
-    if args.name == "ensemble":
-        from adadepth.studies.ensemble import run_study as ensemble
-
-        results = ensemble(args.preset, args.seeds, out, steps=args.steps, device=args.device)
-    else:
-        from adadepth.studies.aux_losses import run_study as aux_losses
-
-        results = aux_losses(args.preset, args.seeds or 3, out, ablations=args.ablations,
-                             steps=args.steps, device=args.device)
-    print(json.dumps({"out": str(out), "runs": len(results["runs"]),
-                      "report": str(out / "report.md")}))
+    summary = STUDIES[args.name](args, out)
+    print(json.dumps({"out": str(out), **summary, "report": str(out / "report.md")}))

@@ -255,6 +255,7 @@ def step_figures(par: parallel.Parallel, loss: float, metrics: dict[str, float],
     dt_max = max(r["dt"] for r in ranks)
     flops_total = sum(r["flops"] for r in ranks)
     row: dict[str, Any] = {"loss": sum(r["loss"] for r in ranks) / par.world,
+                           "flops": flops_total,  # executed this step, all ranks
                            "tokens_per_s": tokens_per_step / dt_max,
                            "flops_per_s": flops_total / dt_max,
                            "utilisation": flops_total / dt_max / peak_total}
