@@ -249,6 +249,7 @@ def test_tune_trains_a_run_that_eval_generate_bench_and_lm_eval_serve(
                  "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {r["setting"] for r in rows} == {1.0, 2.0, 3.0}
+    assert model.current_knob_value() == 3.0  # as trained: every late layer mixed
     assert all(r["ideal_speedup"] < 1 for r in rows)  # adapters and the ensemble cost a little
     from adadepth.hf.harness import AdadepthLM
 

@@ -223,6 +223,9 @@ class EnsembleModel(TunedModel):
     def current_setting(self) -> Callable[[], None]:
         return self.knob_setter(self.active, torch.empty(0))
 
+    def current_knob_value(self) -> float | None:
+        return float(self.active)
+
     def summary(self, heads: float, tokens: float) -> dict[str, Any]:
         return {"late_layers": self.active, "head_evaluations": heads,
                 "combine": self.ecfg.combine, "tokens": tokens}

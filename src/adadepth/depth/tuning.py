@@ -278,6 +278,9 @@ class TunedModel(Method):
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         return lambda: None  # one setting: the tuned model as it is
 
+    def current_knob_value(self) -> float | None:
+        return 1.0
+
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         counts = {"tokens": 0.0, "heads": 0.0, "mixed": 0.0}
