@@ -325,7 +325,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive_int, help="steps per run (aux-losses: controller "
                    "steps; ensemble: tuning steps)")
     p.add_argument("--ablations", action="store_true",
-                   help="aux-losses: add A1, A4, 25%% budget, on-policy")
+                   help="aux-losses: add A1, A4, 25%% budget, on-policy; ensemble: add "
+                   "the ensemble arms without distillation")
     p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")
     p.add_argument("--budgets", help="leaderboard: comma list of FLOPs budgets in (0, 1] "
                    "(default 0.5,0.75)")

@@ -32,7 +32,8 @@ def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def run_ensemble(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from adadepth.studies.ensemble import run_study
 
-    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device,
+                        ablations=args.ablations)
     return {"runs": len(results["runs"])}
 
 

@@ -16,7 +16,8 @@ Presets:
 - `smollm2`: SmolLM2-135M (the packaged backbone, pretrained on web text, code and maths)
   tuned on Shakespeare's plays (one seed, `--seeds 1`, is what a CPU affords).
 
-Every run is a folder of its own with its metrics.json, so a re-run skips what is finished.
+`--ablations` adds the ensemble arms without the distillation term (lambda_distill 0). Every run
+is a folder of its own with its metrics.json, so a re-run skips what is finished.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
 
 ARMS = ("ensemble", "lora", "ensemble+lora", "full")
+# `--ablations`: an arm name -> (its method, options changed from the method's defaults).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ensemble+lora-nodistill": ("ensemble+lora", {"lambda_distill": 0.0}),
+    "ensemble-nodistill": ("ensemble", {"lambda_distill": 0.0}),
+}
 
 
 @dataclass
@@ -79,9 +85,10 @@ RECIPES = {
 
 def run_config(arm: str, seed: int, backbone: Path, recipe: Recipe, steps: int,
                device: str) -> FitConfig:
-    lr = recipe.lr[arm]
+    method, options = ABLATIONS.get(arm, (arm, {}))
+    lr = recipe.lr[method]
     return FitConfig(
-        method=arm, backbone=str(backbone),
+        method=method, options=options, backbone=str(backbone),
         data={"corpus": recipe.tune_corpus, "block_size": recipe.block_size},
         optim={"lr": lr, "min_lr": lr / 10, "warmup_steps": max(1, steps // 10)},
         train={"steps": steps, "seed": seed, "batch_size": recipe.batch_size, "device": device,
@@ -108,7 +115,8 @@ def before_tuning(backbone: Path, recipe: Recipe, device: str) -> dict[str, Any]
 
 
 def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
-              device: str = "auto", show_progress: bool = True) -> dict[str, Any]:
+              device: str = "auto", show_progress: bool = True,
+              ablations: bool = False) -> dict[str, Any]:
     if preset_name not in RECIPES:
         raise UserError(f"unknown preset {preset_name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[preset_name]
@@ -125,7 +133,8 @@ def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
     else:
         before = before_tuning(bb, recipe, device)
         ck.write_json_atomic(before_path, before)
-    plan = [(arm, seed) for seed in range(seeds) for arm in ARMS]
+    arms = ARMS + (tuple(ABLATIONS) if ablations else ())
+    plan = [(arm, seed) for seed in range(seeds) for arm in arms]
 
     def launch(arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
         return fit(run_config(arm, seed, bb, recipe, steps, device), run_dir, resume=True,
