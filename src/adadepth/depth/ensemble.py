@@ -39,7 +39,7 @@ from adadepth import flops as fl
 from adadepth.config import Strict
 from adadepth.depth.method import Knob, MethodSpec
 from adadepth.depth.registry import register
-from adadepth.depth.tuning import LoraOptions, TunedModel, next_token_loss
+from adadepth.depth.tuning import LoraOptions, TunedModel
 from adadepth.errors import UserError
 from adadepth.model import KVCache, Output, causal_lm_loss
 
@@ -102,6 +102,12 @@ def mix(layer_logits: list[Tensor], weights: Tensor, combine: str) -> Tensor:
     if combine == "log_probs":
         layer_logits = [z.float().log_softmax(-1) for z in layer_logits]
     return sum(weights[..., j, None] * z for j, z in enumerate(layer_logits))
+
+
+def next_token_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-token cross-entropy in fp32, (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(
+        y.shape)
 
 
 def distillation(layer_logits: list[Tensor]) -> Tensor:

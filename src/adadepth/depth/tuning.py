@@ -21,13 +21,11 @@ LoRA adds its low-rank products (unmerged, as trained).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
@@ -219,9 +217,6 @@ class TunedModel(Method):
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items()}
         self.load_lora_state(state, str(path))
 
-    def adapter_config(self) -> dict[str, Any] | None:
-        return None if self.lora_config is None else json.loads(self.lora_config.to_json_string())
-
     # -- cost ---------------------------------------------------------------------------------
     def lora_flops(self) -> float:
         """Forward FLOPs per token of the adapters: x A^T then (.) B^T, 2 per weight."""
@@ -316,12 +311,6 @@ class TunedModel(Method):
         return {"val_accuracy": correct / max(total, 1),
                 "flops_ratio": self.inference_flops_per_token(context)
                 / self.reference_flops_per_token(context)}
-
-
-def next_token_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-token cross-entropy in fp32, (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(
-        y.shape)
 
 
 class LoraTuned(TunedModel):
