@@ -70,7 +70,10 @@ def lora_root(backbone: nn.Module) -> nn.Module:
 
 def inject_lora(backbone: nn.Module, options: LoraOptions) -> Any:
     """Inject LoRA layers into the backbone in place; returns peft's `LoraConfig`."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as err:
+        raise UserError("LoRA comes from the peft library: pip install 'adadepth[hf]'") from err
 
     kwargs = options.model_dump()
     root = lora_root(backbone)
