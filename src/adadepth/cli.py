@@ -181,6 +181,15 @@ def cmd_fit(args: argparse.Namespace) -> None:
                               if isinstance(v, int | float | str) or v is None})))
 
 
+TUNE_METHODS = ("ensemble", "lora", "ensemble+lora", "full")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """`adadepth fit` over a pretrained backbone with a tuning method (docs/methods/ensemble.md)."""
+    args.preset = args.tokenizer = args.parallel = None
+    cmd_fit(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from adadepth.bench import run_cli
 
@@ -274,6 +283,21 @@ def build_parser() -> Parser:
                    "train.batch_size=8")
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser("tune", help="tune a pretrained backbone on new text: late-layer "
+                       "ensemble, LoRA, both, or in full (adadepth fit with these methods)")
+    p.add_argument("--backbone", required=True, help="a pretrained run folder, a transformers "
+                   "model directory, or a known backbone such as smollm2-135m")
+    p.add_argument("--method", required=True, choices=TUNE_METHODS)
+    p.add_argument("--corpus", help="the text to tune on (default: the backbone's corpus)")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. ensemble.layers=4 lora.r=16 "
+                   "optim.lr=1e-3")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
     p.add_argument("run", help="the run folder of an adaptive method")
     p.add_argument("--settings", "--budgets", dest="settings",
@@ -295,12 +319,14 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
     p.add_argument("name", nargs="?", default="aux-losses",
-                   help="aux-losses (default) or leaderboard")
+                   help="aux-losses (default), ensemble or leaderboard")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, help="controller steps per run (aux-losses)")
+    p.add_argument("--steps", type=positive_int, help="steps per run (aux-losses: controller "
+                   "steps; ensemble: tuning steps)")
     p.add_argument("--ablations", action="store_true",
-                   help="aux-losses: add A1, A4, 25%% budget, on-policy")
+                   help="aux-losses: add A1, A4, 25%% budget, on-policy; ensemble: add "
+                   "the ensemble arms without distillation")
     p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")
     p.add_argument("--budgets", help="leaderboard: comma list of FLOPs budgets in (0, 1] "
                    "(default 0.5,0.75)")

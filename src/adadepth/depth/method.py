@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -131,6 +132,15 @@ class Method(nn.Module):
             if unexpected:
                 raise ValueError(f"backbone weights that fit no module: {unexpected[:3]}")
             self.trains_backbone = True
+
+    def save_files(self, folder: Path) -> list[str]:
+        """Write what the method keeps in another library's own format into `folder` (LoRA
+        adapters in peft's), for `save_pretrained`; returns the `method_state` key prefixes those
+        files hold, which controller.safetensors then leaves out."""
+        return []
+
+    def load_files(self, folder: Path) -> None:
+        """Read back what `save_files` wrote into `folder`."""
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

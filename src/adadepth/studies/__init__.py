@@ -29,7 +29,16 @@ def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"rows": len(results["rows"])}
 
 
-STUDIES = {"aux-losses": run_aux_losses, "leaderboard": run_leaderboard}
+def run_ensemble(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ensemble import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device,
+                        ablations=args.ablations)
+    return {"runs": len(results["runs"])}
+
+
+STUDIES = {"aux-losses": run_aux_losses, "ensemble": run_ensemble,
+           "leaderboard": run_leaderboard}
 
 
 def run_study(args: argparse.Namespace) -> None:

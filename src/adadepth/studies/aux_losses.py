@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from adadepth.config import PretrainConfig, preset
+from adadepth.config import ModelConfig, PretrainConfig, preset
 from adadepth.errors import UserError
 from adadepth.jobs.pretrain import pretrain
 from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
+from adadepth.studies.plan import run_plan
 from adadepth.train import checkpoint as ck
 
 
@@ -87,15 +87,16 @@ RECIPES = {
 
 
 def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
-                 show_progress: bool) -> Path:
-    """Pretrain the study's backbone once (resumable); a packaged one is converted instead."""
+                 show_progress: bool, model: ModelConfig | None = None) -> Path:
+    """Pretrain the study's backbone once (resumable), of the preset's shape unless `model` is
+    given; a packaged one is converted instead."""
     if recipe.backbone is not None:
         from adadepth.hf import ensure_backbone
 
         return ensure_backbone(recipe.backbone)
     path = out / "backbone"
     if not (path / "eval.json").is_file():
-        cfg = PretrainConfig(preset=preset_name, model=preset(preset_name),
+        cfg = PretrainConfig(preset=preset_name, model=model or preset(preset_name),
                              data={"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
                                    "block_size": recipe.block_size},
                              train={"steps": recipe.backbone_steps, "device": device,
@@ -130,18 +131,13 @@ def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
     bb = backbone_dir(out, recipe, preset_name, device, show_progress)
     arms = MAIN + BASELINES + (ABLATIONS if ablations else [])
     plan = [(arm, seed) for seed in range(seeds) for arm in arms]
-    runs: list[dict[str, Any]] = []
-    bar = tqdm(plan, desc="aux-loss study", disable=not show_progress, dynamic_ncols=True)
-    for arm, seed in bar:
-        run_dir = out / "runs" / f"{arm.name}-seed{seed}"
-        bar.set_postfix(run=run_dir.name)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: the study is resumable
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            cfg = run_config(arm, seed, bb, recipe, steps, device)
-            metrics = route(cfg, run_dir, resume=True, show_progress=False)
-        runs.append({**metrics, "arm": arm.name, "group": arm.group})
+
+    def launch(arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
+        cfg = run_config(arm, seed, bb, recipe, steps, device)
+        return route(cfg, run_dir, resume=True, show_progress=False)
+
+    done = run_plan(plan, out, lambda arm: arm.name, launch, "aux-loss study", show_progress)
+    runs = [{**metrics, "arm": arm.name, "group": arm.group} for arm, metrics in done]
     backbone_eval = json.loads((bb / "eval.json").read_text()) if (bb / "eval.json").is_file() \
         else {}
     results = {"preset": preset_name, "seeds": seeds, "steps": steps, "backbone": {
