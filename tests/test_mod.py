@@ -4,17 +4,24 @@ Hugging Face families, through the layer-stack interface only."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from causality import assert_cached_decisions_match, assert_causal
 from test_cache import BACKBONES, V, backbone, close, tokens
+from test_cli import assert_user_error
 
+import adadepth
 from adadepth import flops as fl
+from adadepth.cli import main
 from adadepth.config import ModelConfig
 from adadepth.depth.mod import MixtureOfDepths, MoDConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
 from adadepth.model import Context, Transformer, causal_lm_loss
+from adadepth.runs import load_run
 
 
 def mod_model(name: str = "ours", seed: int = 0, **options) -> MixtureOfDepths:
@@ -259,3 +266,119 @@ def test_bad_options_are_user_errors() -> None:
     model = MixtureOfDepths(backbone("ours"), MoDConfig()).eval()
     with pytest.raises(UserError, match="calibrated thresholds"):
         model(tokens(1, 4))
+
+
+# -- the method end to end: fit, run folders, eval, generate, bench, from_pretrained, lm-eval --
+QUICK = ["train.batch_size=4", "train.eval_batches=2", "train.eval_interval=3",
+         "train.ckpt_interval=3", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def retrofit(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mod") / "retrofit"
+    assert main(["fit", "--method", "mod", "--backbone", str(tiny_backbone), "--steps", "3",
+                 "--out", str(out), "mod.capacity=0.25", *QUICK]) == 0
+    return out
+
+
+def test_retrofit_trains_the_routers_alone(retrofit: Path, tiny_backbone: Path) -> None:
+    metrics = json.loads((retrofit / "metrics.json").read_text())
+    assert metrics["method"] == "mod" and metrics["steps"] == 3
+    assert metrics["routed_layers"] == [1, 3]
+    for fraction in metrics["realised_capacity_causal"]:
+        assert abs(fraction - 0.25) < 0.05
+    model = load_run(retrofit).model
+    assert isinstance(model, MixtureOfDepths) and not model.backbone_trained()
+    assert model.routers[0].linear.weight.abs().sum() > 0  # the router moved from zero
+    original = load_run(tiny_backbone).model
+    for a, b in zip(model.backbone.parameters(), original.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_eval_generate_and_bench_serve_a_mod_run(retrofit: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(retrofit), "--batches", "2"]) == 0
+    report = json.loads((retrofit / "eval.json").read_text())
+    assert report["kind"] == "mod" and 0.5 < report["flops_ratio"] < 1
+    capsys.readouterr()
+    assert main(["generate", str(retrofit), "--prompt", "ROMEO:", "--max-new-tokens", "6",
+                 "--num-samples", "2"]) == 0
+    assert '"realised_capacity"' in capsys.readouterr().err
+    assert main(["bench", str(retrofit), "--settings", "1.0,0.25", "--prefill-batch", "2",
+                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "4",
+                 "--reps", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {(r["phase"], r["batch"], r["capacity"]) for r in rows} == {
+        (phase, batch, c) for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2))
+        for c in (1.0, 0.25)}
+    for r in rows:
+        if r["capacity"] == 1.0:  # the reference itself: every token, router-scaled
+            assert r["ideal_speedup"] == pytest.approx(1.0)
+            assert r["realised"]["realised_capacity"] == 1.0
+        else:
+            assert r["ideal_speedup"] > 1.1 and r["realised"]["realised_capacity"] < 0.5
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_fit_from_scratch_trains_everything(tmp_path: Path) -> None:
+    out = tmp_path / "scratch"
+    assert main(["fit", "--method", "mod", "--preset", "tiny", "--steps", "2", "--out", str(out),
+                 "model.d_model=32", "model.n_layers=4", "model.d_ff=64", "data.block_size=16",
+                 "mod.causal=aux_loss", *QUICK]) == 0
+    loaded = load_run(out).model
+    assert loaded.backbone_trained() and loaded.routers[0].predictor is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] > 10_000
+
+
+def test_lm_eval_scores_do_not_depend_on_the_batch(retrofit: Path) -> None:
+    """Causal decisions: a right-padded neighbour in the batch changes no score."""
+    from lm_eval.api.instance import Instance
+
+    from adadepth.hf.harness import AdadepthLM
+
+    lm = AdadepthLM(run=str(retrofit), batch_size=2)
+    short = Instance("loglikelihood", {}, ("ROMEO: ", "What"), 0)
+    long = Instance("loglikelihood", {}, ("JULIET: O Romeo, Romeo, wherefore ", "art thou"), 1)
+    together = lm.loglikelihood([short, long])
+    alone = lm.loglikelihood([short]) + lm.loglikelihood([long])
+    for (a, _), (b, _) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_from_pretrained_and_save_pretrained(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      max_position_embeddings=64)).eval()
+    model = adadepth.from_pretrained(hf, method="mod", capacity=0.5, threshold="half").eval()
+    assert model.layers == [1, 3]
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for router in model.routers:
+            router.linear.weight.normal_()
+            router.predictor[-1].bias.fill_(0.3)
+        before = model(idx).logits
+    adadepth.save_pretrained(model, tmp_path / "saved")
+    loaded = adadepth.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert isinstance(loaded, MixtureOfDepths) and torch.equal(loaded(idx).logits, before)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["fit", "--method", "mod", "--out", "x", "mod.capacity=0"], "capacity"),
+    (["fit", "--method", "mod", "--out", "x", "mod.capacity=1.5"], "capacity"),
+    (["fit", "--method", "mod", "--out", "x", "mod.layers=[1,9]", "model.n_layers=4"],
+     "routed layers"),
+    (["fit", "--method", "mod", "--out", "x", "model.n_layers=1"], "at least 2"),
+])
+def test_bad_mod_input(capsys: pytest.CaptureFixture, argv: list[str], match: str) -> None:
+    assert_user_error(capsys, *argv, match=match)
+
+
+def test_bench_refuses_a_capacity_outside_the_range(retrofit: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    assert_user_error(capsys, "bench", str(retrofit), "--settings", "0.5,1.5",
+                      match="capacity settings")

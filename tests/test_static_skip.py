@@ -3,16 +3,22 @@ K/V for skipped layers, cost accounting."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from test_cache import backbone, close, tokens
+from test_cli import assert_user_error
 
 from adadepth import flops as fl
+from adadepth.cli import main
 from adadepth.config import ModelConfig
 from adadepth.depth.static_skip import StaticSkip, StaticSkipConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
 from adadepth.model import Transformer
+from adadepth.runs import load_run
 
 V = 40
 
@@ -113,3 +119,45 @@ def test_nothing_trains_and_a_one_layer_backbone_is_refused() -> None:
     one = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, d_ff=48))
     with pytest.raises(UserError, match="2 or more layers"):
         StaticSkip(one, StaticSkipConfig())
+
+
+# -- the method end to end -------------------------------------------------------------------
+QUICK = ["train.batch_size=4", "train.eval_batches=2"]
+
+
+def test_fit_calibrates_and_eval_generate_bench_serve_the_run(
+        tiny_backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "skip"
+    assert main(["fit", "--method", "static-skip", "--backbone", str(tiny_backbone),
+                 "--out", str(out), "static-skip.budget=0.75", *QUICK]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 0 and metrics["trainable_parameters"] == 0
+    assert len(metrics["skipped_layers"]) == 1 and 0.7 < metrics["flops_fraction"] < 0.8
+    model = load_run(out).model
+    assert isinstance(model, StaticSkip) and model.skipped_layers() == metrics["skipped_layers"]
+    assert main(["eval", str(out), "--batches", "2"]) == 0
+    assert json.loads((out / "eval.json").read_text())["kind"] == "static-skip"
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+    assert '"layers_run": 3' in capsys.readouterr().err
+    bench = tmp_path / "bench"
+    assert main(["bench", str(out), "--settings", "1.0,0.5", "--prefill-batch", "2",
+                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "4",
+                 "--reps", "1", "--out", str(bench)]) == 0
+    rows = json.loads((bench / "bench.json").read_text())["rows"]
+    assert len(rows) == 6
+    for r in rows:
+        expected = 1.0 if r["budget"] == 1.0 else 4 / 2
+        assert r["ideal_speedup"] == pytest.approx(expected, rel=0.05)
+        assert r["realised"]["layers_run"] == (4 if r["budget"] == 1.0 else 2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["fit", "--method", "static-skip", "--out", "x", "static-skip.budget=0"], "budget"),
+    (["fit", "--method", "static-skip", "--out", "x", "static-skip.budget=1.5"], "budget"),
+    (["fit", "--method", "static-skip", "--preset", "tiny", "--out", "x",
+      "model.d_model=32", "model.d_ff=64"], "--backbone"),
+])
+def test_bad_static_skip_input(capsys: pytest.CaptureFixture, argv: list[str],
+                               match: str) -> None:
+    assert_user_error(capsys, *argv, match=match)

@@ -204,17 +204,26 @@ class StaticSkip(Method):
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
-        """Layers run per token over the forwards of the block (every token runs the kept
-        layers, each attending to every earlier token)."""
-        tokens, layer_tokens = self.tokens, self.layer_tokens
+        """Layers run per token over the forwards inside the block (every token runs the kept
+        layers, each attending to every earlier token); the figures freeze when it ends."""
+        start = (self.tokens, self.layer_tokens)
+        frozen: list[tuple[int, int]] = []
+        budget, skipped = self.budget, self.skipped_layers()
+
+        def counts() -> tuple[int, int]:
+            return frozen[0] if frozen else (self.tokens - start[0],
+                                             self.layer_tokens - start[1])
 
         def layers_run() -> float:
-            return (self.layer_tokens - layer_tokens) / max(self.tokens - tokens, 1)
+            tokens, layer_tokens = counts()
+            return layer_tokens / max(tokens, 1)
 
-        yield Measurement(lambda context: self.flops_per_token(context, layers_run()),
-                          lambda: {"layers_run": layers_run(),
-                                   "skipped_layers": self.skipped_layers(),
-                                   "budget": self.budget, "tokens": self.tokens - tokens})
+        try:
+            yield Measurement(lambda context: self.flops_per_token(context, layers_run()),
+                              lambda: {"layers_run": layers_run(), "skipped_layers": skipped,
+                                       "budget": budget, "tokens": counts()[0]})
+        finally:
+            frozen.append(counts())
 
     def token_depth(self) -> Tensor | None:
         if self.last is None:
