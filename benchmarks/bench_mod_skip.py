@@ -1,6 +1,7 @@
 """Wall-clock speedup of Mixture-of-Depths and static layer skipping over their dense references.
 
-    python benchmarks/bench_mod_skip.py --preset small [--reps 3] [--out runs/bench-mod-small]
+    python benchmarks/bench_mod_skip.py --preset small [--reps 3] [--threads 1] \
+        [--out runs/bench-mod-small]
 
 1. builds a backbone of the preset's width (`adadepth pretrain`, a few steps: timing does not
    depend on how well it is trained; char-level, as in the routing benchmark);
@@ -11,7 +12,8 @@
    tokens after a 32-token prompt), reference and method interleaved in one process, medians
    over --reps rounds after a warm-up. MoD's reference is capacity 1 (every token runs every
    block, router-scaled), static skipping's the dense backbone.
-Prints both tables and the measured/ideal ratios.
+Prints both tables. `--threads` sets torch's CPU threads (0: torch's default); on a shared
+machine one thread per process keeps OpenMP threads from contending.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 from adadepth.bench import format_table
 from adadepth.cli import main as cli
@@ -36,8 +40,11 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/bench-mod-{args.preset}")
     backbone, mod, skip = out / "backbone", out / "mod", out / "static-skip"
     if not (backbone / "LATEST").exists():
