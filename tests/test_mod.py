@@ -382,3 +382,24 @@ def test_bench_refuses_a_capacity_outside_the_range(retrofit: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     assert_user_error(capsys, "bench", str(retrofit), "--settings", "0.5,1.5",
                       match="capacity settings")
+
+
+def test_the_leaderboard_reads_flops_from_what_ran() -> None:
+    """Held-out text fed as generation feeds it (`decode_eval`) under forced patterns: nobody
+    runs the routed block, then everybody (the reference: router-scaled, routers run)."""
+    from adadepth.eval import decode_eval
+
+    model = mod_model(capacity=0.5)
+    windows = tokens(3, 17, seed=6)
+    ctx = fl.causal_context(16)
+    dense = fl.forward_per_token(model.cfg, ctx)
+    block = (sum(dense.values()) - dense["lm_head"]) / model.cfg.n_layers
+    router = fl.linear(model.cfg.d_model, 1)
+    model.force = False
+    _, fraction, summary, depth = decode_eval(model, windows)
+    assert fraction == pytest.approx(1 - block / sum(dense.values()), rel=1e-9)
+    assert summary["capacity_per_layer"] == [0.0] and torch.equal(depth[0], torch.full((3, 16), 2))
+    model.force = True
+    _, fraction, _, _ = decode_eval(model, windows)
+    assert fraction == pytest.approx(1 + router / sum(dense.values()), rel=1e-9)
+    assert model.current_knob_value() == 0.5

@@ -161,3 +161,15 @@ def test_fit_calibrates_and_eval_generate_bench_serve_the_run(
 def test_bad_static_skip_input(capsys: pytest.CaptureFixture, argv: list[str],
                                match: str) -> None:
     assert_user_error(capsys, *argv, match=match)
+
+
+def test_the_leaderboard_reads_flops_from_what_ran() -> None:
+    from adadepth.eval import decode_eval
+
+    model = StaticSkip(four_layers(), StaticSkipConfig()).eval()
+    model.set_skipped([1, 3])
+    _, fraction, summary, depth = decode_eval(model, tokens(3, 17, seed=6))
+    dense = fl.forward_per_token(model.cfg, fl.causal_context(16))
+    total = sum(dense.values())
+    assert fraction == pytest.approx((dense["lm_head"] + (total - dense["lm_head"]) / 2) / total)
+    assert summary["layers_run"] == 2 and torch.equal(depth[0], torch.full((3, 16), 2))

@@ -502,6 +502,9 @@ class MixtureOfDepths(Method):
                 router.spread.fill_(s)
         return apply
 
+    def current_knob_value(self) -> float | None:
+        return self.capacity
+
     def current_setting(self) -> Callable[[], None]:
         return self._setting(self.capacity, [r.threshold.item() for r in self.routers],
                              [r.spread.item() for r in self.routers])

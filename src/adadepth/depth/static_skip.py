@@ -231,6 +231,9 @@ class StaticSkip(Method):
         shape, depth = self.last
         return torch.full(shape, depth)
 
+    def current_knob_value(self) -> float | None:
+        return self.budget
+
     def current_setting(self) -> Callable[[], None]:
         layers, budget = self.skipped_layers(), self.budget
 
