@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from causality import assert_cached_decisions_match, assert_causal
 from test_cache import BACKBONES, V, backbone, close, tokens
 from test_cli import assert_user_error
@@ -20,7 +21,7 @@ from adadepth.config import ModelConfig
 from adadepth.depth.mod import MixtureOfDepths, MoDConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
-from adadepth.model import Context, Transformer, causal_lm_loss
+from adadepth.model import Context, Transformer
 from adadepth.runs import load_run
 
 
@@ -227,26 +228,33 @@ def test_measure_counts_what_ran() -> None:
     assert m.flops_per_token(ctx) == pytest.approx(expected)
 
 
-def test_training_loss_trains_the_causal_score_towards_top_k() -> None:
-    """Predictor mode: its BCE reaches the predictor and no backbone weight; aux_loss mode: the
-    router's BCE joins the LM loss."""
-    for causal in ("predictor", "aux_loss"):
-        model = mod_model(capacity=0.25, causal=causal)
-        model.set_trainable(from_scratch=False)
-        model.train()
-        idx = tokens(2, 17)
-        loss, figures = model.training_loss(idx[:, :-1], idx[:, 1:], 0)
-        assert {"lm_loss", "causal_bce", "causal_accuracy"} <= set(figures)
-        assert loss.item() > figures["lm_loss"]
-        loss.backward()
-        router = model.routers[0]
-        assert router.linear.weight.grad is not None
-        if causal == "predictor":
-            assert router.predictor[0].weight.grad.abs().sum() > 0
-        assert all(p.grad is None for p in model.backbone.parameters())
-    with torch.no_grad():
-        model.zero_grad()
-        assert causal_lm_loss(model(idx[:, :-1]).logits, idx[:, 1:]).isfinite()
+def test_the_predictor_learns_top_k_membership_behind_a_stop_gradient() -> None:
+    """Its BCE reaches the predictor alone, even when the backbone trains: it leaves the LM
+    objective as it is (the paper's second method)."""
+    model = mod_model(capacity=0.25)
+    model.set_trainable(from_scratch=False)  # joint: everything requires grad
+    model.train()
+    idx = tokens(2, 17)
+    model(idx)
+    bce = sum(F.binary_cross_entropy_with_logits(s, m.float()) for s, m in model.targets)
+    bce.backward()
+    assert model.routers[0].predictor[0].weight.grad.abs().sum() > 0
+    assert model.routers[0].linear.weight.grad is None
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_training_loss_adds_the_causal_bce_to_the_lm_loss() -> None:
+    """aux_loss: the router's own BCE (the paper's first method) joins the LM loss."""
+    model = mod_model(capacity=0.25, causal="aux_loss", regime="routers")
+    model.set_trainable(from_scratch=False)
+    model.train()
+    idx = tokens(2, 17)
+    loss, figures = model.training_loss(idx[:, :-1], idx[:, 1:], 0)
+    assert {"lm_loss", "causal_bce", "causal_accuracy"} <= set(figures)
+    assert loss.item() == pytest.approx(figures["lm_loss"] + 0.1 * figures["causal_bce"])
+    loss.backward()
+    assert model.routers[0].linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
 
 
 def test_token_depth_counts_blocks_run() -> None:
@@ -277,11 +285,24 @@ QUICK = ["train.batch_size=4", "train.eval_batches=2", "train.eval_interval=3",
 def retrofit(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mod") / "retrofit"
     assert main(["fit", "--method", "mod", "--backbone", str(tiny_backbone), "--steps", "3",
-                 "--out", str(out), "mod.capacity=0.25", *QUICK]) == 0
+                 "--out", str(out), "mod.capacity=0.25", "mod.regime=routers", *QUICK]) == 0
     return out
 
 
-def test_retrofit_trains_the_routers_alone(retrofit: Path, tiny_backbone: Path) -> None:
+def test_a_retrofit_trains_the_backbone_too_unless_told_otherwise() -> None:
+    joint = MixtureOfDepths(backbone("ours"), MoDConfig())
+    joint.set_trainable(from_scratch=False)
+    assert joint.backbone_trained()
+    assert all(p.requires_grad for p in joint.parameters())
+    routers = MixtureOfDepths(backbone("ours"), MoDConfig(regime="routers"))
+    routers.set_trainable(from_scratch=False)
+    assert not routers.backbone_trained()
+    assert {n for n, p in routers.named_parameters() if p.requires_grad} == {
+        n for n, _ in routers.named_parameters() if n.startswith("routers.")}
+
+
+def test_a_routers_only_retrofit_leaves_the_backbone_alone(retrofit: Path,
+                                                           tiny_backbone: Path) -> None:
     metrics = json.loads((retrofit / "metrics.json").read_text())
     assert metrics["method"] == "mod" and metrics["steps"] == 3
     assert metrics["routed_layers"] == [1, 3]

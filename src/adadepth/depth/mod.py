@@ -68,9 +68,9 @@ class MoDConfig(Strict):
     threshold_control: Literal["online", "fixed"] = "online"
     control_gain: float = Field(0.5, gt=0)
     control_slack: float = Field(4.0, ge=1)
-    regime: Literal["routers", "joint"] = Field(
-        "routers", description="retrofit of a pretrained backbone: train the routers and "
-        "predictors only, or the backbone too (from scratch everything trains)")
+    regime: Literal["joint", "routers"] = Field(
+        "joint", description="retrofit of a pretrained backbone: the backbone trains with the "
+        "routers and predictors, or stays frozen (from scratch everything trains)")
 
 
 class Router(nn.Module):
@@ -287,10 +287,9 @@ class MixtureOfDepths(Method):
         return {"routers": self.routers}  # thresholds and spreads are buffers inside
 
     def set_trainable(self, from_scratch: bool) -> None:
-        super().set_trainable(from_scratch)
-        if not from_scratch and self.mcfg.regime == "joint":
-            self.requires_grad_(True)
-            self.trains_backbone = True
+        """From scratch, or in a `joint` retrofit, everything trains (the blocks learn to work
+        on the tokens they are given); `routers` trains the routers and predictors alone."""
+        super().set_trainable(from_scratch or self.mcfg.regime == "joint")
 
     def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         """LM loss of the top-k forward plus the causal score's BCE towards top-k membership:
