@@ -265,6 +265,16 @@ def test_token_depth_counts_blocks_run() -> None:
     assert torch.equal(model.token_depth(), torch.full((2, 5), 2))  # 3 blocks, 1 routed
 
 
+def test_which_blocks_are_routed() -> None:
+    four = Transformer(backbone("ours").cfg.model_copy(update={"n_layers": 4}))
+    expected = {"every_other": [1, 3], "all_but_first": [1, 2, 3], "all": [0, 1, 2, 3],
+                (2, 0): [0, 2]}
+    for spec, layers in expected.items():
+        model = MixtureOfDepths(four, MoDConfig(layers=list(spec) if isinstance(spec, tuple)
+                                                else spec))
+        assert model.layers == layers and len(model.routers) == len(layers)
+
+
 def test_bad_options_are_user_errors() -> None:
     with pytest.raises(UserError, match="at least 2"):
         MixtureOfDepths(Transformer(backbone("ours").cfg.model_copy(update={"n_layers": 1})),

@@ -52,8 +52,9 @@ class MoDConfig(Strict):
 
     capacity: float = Field(0.125, gt=0, le=1, description="fraction of a sequence's tokens "
                             "that run a routed block")
-    layers: Literal["every_other", "all"] | list[int] = Field(
-        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all, or a list")
+    layers: Literal["every_other", "all_but_first", "all"] | list[int] = Field(
+        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all but the "
+        "first, all, or a list")
     causal: Literal["predictor", "aux_loss"] = Field(
         "predictor", description="what decides causally at inference: a stop-gradient MLP "
         "predictor of top-k membership, or the router itself trained with an auxiliary BCE")
@@ -120,6 +121,8 @@ class Tally:
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
     if spec == "every_other":
         layers = list(range(1, n_layers, 2))
+    elif spec == "all_but_first":
+        layers = list(range(1, n_layers))
     elif spec == "all":
         layers = list(range(n_layers))
     else:
