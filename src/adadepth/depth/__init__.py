@@ -7,7 +7,12 @@ code that serves all methods (run folders, `from_pretrained`, `bench`) never nam
 from __future__ import annotations
 
 # Importing a method's module registers it (ensemble also registers ensemble+lora, lora, full).
-from adadepth.depth import ensemble, routing  # noqa: F401
+from adadepth.depth import (  # noqa: F401
+    ensemble,
+    mod,
+    routing,
+    static_skip,
+)
 from adadepth.depth.method import Method, MethodSpec
 from adadepth.depth.registry import lookup, names
 from adadepth.errors import UserError

@@ -173,6 +173,16 @@ class ThresholdController:
         return torch.tensor(out, dtype=torch.bool, device=scores.device), surplus
 
 
+def quantile_threshold(scores: Tensor, budget: float) -> tuple[float, float]:
+    """The causal threshold that lets a fraction `budget` of held-out scores pass (their
+    (1-b) quantile), and the scores' spread for a `ThresholdController` (a robust std: the
+    interquartile range / 1.349)."""
+    scores = scores.float().flatten().cpu()
+    threshold = torch.quantile(scores, 1 - budget).item()
+    q75, q25 = torch.quantile(scores, torch.tensor([0.75, 0.25])).tolist()
+    return threshold, max(q75 - q25, 1e-6) / 1.349
+
+
 def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
     """sigma(s)/sg(sigma(s)) on full tokens, (1-sigma(s))/sg(1-sigma(s)) on cheap ones.
 
@@ -476,10 +486,9 @@ class RoutedModel(Method):
                     r.decision, r.collected = "calibrate", []
                     for h, ctx in states:
                         bb.run_layer(i, h, ctx)
-                    scores = torch.cat(r.collected)
-                    r.threshold.fill_(torch.quantile(scores, 1 - r.budget).item())
-                    q75, q25 = torch.quantile(scores, torch.tensor([0.75, 0.25])).tolist()
-                    r.spread.fill_(max(q75 - q25, 1e-6) / 1.349)  # a robust std
+                    threshold, spread = quantile_threshold(torch.cat(r.collected), r.budget)
+                    r.threshold.fill_(threshold)
+                    r.spread.fill_(spread)
                     r.decision, r.collected = "auto", None
                 elif r is not None:  # every token takes one path: any score passes
                     r.threshold.fill_(float("-inf") if r.uniform_decision() else float("inf"))
