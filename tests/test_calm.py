@@ -290,6 +290,28 @@ def test_fit_calibrates_and_the_run_serves_eval_bench_generate(
     capsys.readouterr()
     assert main(["generate", str(calm_run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
     assert '"layers_per_token"' in capsys.readouterr().err
+    assert_harness_scores_the_deployed_model(calm_run, model)
+
+
+def assert_harness_scores_the_deployed_model(run: Path, model) -> None:
+    """lm-eval's adapter scores with the method as deployed (here: exits and all)."""
+    from lm_eval.api.instance import Instance
+
+    from adadepth.hf.harness import AdadepthLM
+
+    lm = AdadepthLM(run=str(run), batch_size=2)
+    tok = lm.tok
+    ctx, whole = tok.encode("ROMEO:"), tok.encode("ROMEO: good")
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits[0, len(ctx) - 1:-1].log_softmax(-1)
+    expected = logp.gather(-1, torch.tensor(whole[len(ctx):])[:, None]).sum().item()
+    (score, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("ROMEO: ", "good"), 0)])
+    assert score == pytest.approx(expected, abs=1e-4)
+    text, = lm.generate_until([Instance("generate_until", {},
+                                        ("ROMEO:", {"until": [], "max_gen_toks": 5}), 0)])
+    with torch.no_grad():
+        out = generate(model, torch.tensor([ctx]), 5, temperature=0.0)
+    assert text == tok.decode(out[0, len(ctx):].tolist())
 
 
 def test_from_pretrained_and_save_pretrained(tmp_path: Path) -> None:

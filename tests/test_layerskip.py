@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cache import backbone, tokens
-from test_calm import lively
+from test_calm import assert_harness_scores_the_deployed_model, lively
 from test_cli import assert_user_error
 from torch import Tensor
 
@@ -194,6 +194,7 @@ def test_a_run_from_scratch_trains_evaluates_benches_and_generates(
     assert main(["generate", str(scratch_run), "--prompt", "ROMEO:", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0
     assert '"acceptance_rate"' in capsys.readouterr().err
+    assert_harness_scores_the_deployed_model(scratch_run, model)
 
 
 def test_continued_pretraining_of_a_backbone(tiny_backbone: Path, tmp_path: Path) -> None:
