@@ -33,15 +33,15 @@ from adadepth import flops as fl
 from adadepth.config import Strict
 from adadepth.depth.exits import (
     ExitHeads,
+    ExitMethod,
     Subset,
     Tally,
     UnitCosts,
-    check_backbone,
     exit_loss,
     layer_states,
     tally_measurement,
 )
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.method import Knob, Measurement, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -121,7 +121,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
-class CalmModel(Method):
+class CalmModel(ExitMethod):
     """A backbone whose tokens exit at the first layer where they are confident."""
 
     name = "calm"
@@ -130,7 +130,6 @@ class CalmModel(Method):
 
     def __init__(self, backbone: nn.Module, cfg: CalmConfig) -> None:
         super().__init__(backbone)
-        check_backbone(backbone, "calm")
         self.ccfg = cfg
         self.heads = ExitHeads(backbone, own_norms=True)
         self.classifier = (ExitClassifier(backbone.cfg.d_model)
@@ -142,9 +141,6 @@ class CalmModel(Method):
         start = float("nan") if cfg.threshold is None else cfg.threshold
         self.register_buffer("threshold", torch.tensor(start, dtype=torch.float64))
         self.costs = UnitCosts.of(backbone.cfg, self.classifier)
-        self.tally = Tally()
-        self.dense = False  # the dense reference: every layer, no confidence measured
-        self.last_depth: Tensor | None = None
 
     # -- deciding ---------------------------------------------------------------------------
     def exits_possible(self) -> bool:
@@ -190,7 +186,7 @@ class CalmModel(Method):
         bb, L = self.backbone, self.backbone.n_layers
         B, T = idx.shape
         if self.dense:
-            self.count_dense(B * T)
+            self.count_forward(idx, L)
             return bb(idx, cache, start, positions=positions)
         own = cache is None  # a scoring call: copied states are only needed inside it
         if own:
@@ -266,14 +262,6 @@ class CalmModel(Method):
             flat, rows = flat[keep], rows[keep]
         logits.view(B * T, -1).index_copy_(0, flat, rows.to(logits.dtype))
         return logits
-
-    def count_dense(self, tokens: int) -> None:
-        L = self.backbone.n_layers
-        self.tally.layers += tokens * L
-        self.tally.depth += tokens * L
-        self.tally.heads += tokens
-        self.tally.tokens += tokens
-        self.last_depth = None
 
     # -- training ---------------------------------------------------------------------------
     def set_trainable(self, from_scratch: bool) -> None:
@@ -438,9 +426,6 @@ class CalmModel(Method):
                 "flops_ratio": m.flops_per_token(context)
                 / self.reference_flops_per_token(context)}
 
-    def token_depth(self) -> Tensor | None:
-        return self.last_depth
-
     # -- the bench -------------------------------------------------------------------------------
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         return lambda: self.threshold.fill_(value)
@@ -448,17 +433,6 @@ class CalmModel(Method):
     def current_setting(self) -> Callable[[], None]:
         value = float(self.threshold)
         return lambda: self.threshold.fill_(value)
-
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        dense, self.dense = self.dense, True
-        try:
-            yield
-        finally:
-            self.dense = dense
-
-    def reference_flops_per_token(self, context: float) -> float:
-        return sum(fl.forward_per_token(self.cfg, context).values())
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adadepth import flops as fl
-from adadepth.depth.method import Measurement
+from adadepth.depth.method import Measurement, Method
 from adadepth.errors import UserError
 from adadepth.model import Context, causal_lm_loss
 
@@ -30,7 +30,7 @@ SEAMS = ("prepare", "run_layer", "write_kv", "unembed", "head", "final_norm", "m
          "new_cache")
 
 
-def check_backbone(backbone: nn.Module, method: str) -> None:
+def check_backbone(backbone: Any, method: str) -> None:
     """A one-line error for a backbone an early-exit method cannot wrap."""
     missing = [s for s in SEAMS if not hasattr(backbone, s)]
     if missing:
@@ -235,3 +235,38 @@ def tally_measurement(cfg: Any, costs: UnitCosts, tally: Callable[[], Tally],
                           lambda: summary(done()))
     finally:
         end.append(tally().copy())
+
+
+class ExitMethod(Method):
+    """What CALM and LayerSkip share as methods: a backbone checked for the seams they use, a
+    tally of the work that ran, and the dense reference on the same weights."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        check_backbone(backbone, self.name)
+        super().__init__(backbone)
+        self.tally = Tally()
+        self.dense = False  # the dense reference: the backbone's own forward, nothing else
+        self.last_depth: Tensor | None = None  # blocks each token of the last call ran
+
+    def count_forward(self, tokens: Tensor, blocks: int) -> None:
+        """Tally a call whose tokens (B, T) all ran `blocks` blocks and read the head once."""
+        n = tokens.numel()
+        self.tally.layers += n * blocks
+        self.tally.depth += n * blocks
+        self.tally.heads += n
+        self.tally.tokens += n
+        self.last_depth = torch.full(tokens.shape, blocks, device=tokens.device)
+
+    def token_depth(self) -> Tensor | None:
+        return self.last_depth
+
+    @contextlib.contextmanager
+    def dense_reference(self) -> Iterator[None]:
+        dense, self.dense = self.dense, True
+        try:
+            yield
+        finally:
+            self.dense = dense
+
+    def reference_flops_per_token(self, context: float) -> float:
+        return sum(fl.forward_per_token(self.cfg, context).values())

@@ -34,14 +34,14 @@ from adadepth import flops as fl
 from adadepth.config import Strict
 from adadepth.depth.exits import (
     ExitHeads,
+    ExitMethod,
     Tally,
     UnitCosts,
-    check_backbone,
     exit_loss,
     layer_states,
     tally_measurement,
 )
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.method import Knob, Measurement, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.generate import Sampler
@@ -75,7 +75,7 @@ def default_sweep(n_layers: int) -> tuple[float, ...]:
                          for f in (0.25, 0.5, 0.75)}))
 
 
-class LayerSkipModel(Method):
+class LayerSkipModel(ExitMethod):
     """A backbone trained to exit early, decoding by drafting with its first E layers."""
 
     name = "layerskip"
@@ -83,7 +83,6 @@ class LayerSkipModel(Method):
 
     def __init__(self, backbone: nn.Module, cfg: LayerSkipConfig) -> None:
         super().__init__(backbone)
-        check_backbone(backbone, "layerskip")
         L = backbone.n_layers
         if cfg.exit_layer is not None and not 1 <= cfg.exit_layer <= L - 1:
             raise UserError(f"layerskip.exit_layer must be in [1, {L - 1}] for a backbone of "
@@ -93,26 +92,20 @@ class LayerSkipModel(Method):
         p = next(backbone.parameters())
         self.heads.to(device=p.device, dtype=p.dtype)
         self.exit_layer = cfg.exit_layer or max(1, L // 2)
+        self.decoding = cfg.decoding  # an inference choice: the weights do not depend on it
         self.knob = Knob("exit_layer", default_sweep(L), low=0, high=L - 1, integer=True)
         self.costs = UnitCosts.of(backbone.cfg)
-        self.tally = Tally()
-        self.dense = False  # the dense reference: the full model, no speculation
         self.total_steps: int | None = None
         self.from_scratch = False
         self.pending: tuple[Tensor, Tensor] | None = None  # the last draft's positions, states
-        self.last_depth: Tensor | None = None
 
     # -- inference ----------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
                 positions: Tensor | None = None) -> Output:
-        bb, B, T = self.backbone, *idx.shape
-        early = self.lcfg.decoding == "early_exit" and not self.dense
+        bb = self.backbone
+        early = self.decoding == "early_exit" and not self.dense
         depth = self.exit_layer if early else bb.n_layers
-        self.tally.layers += B * T * depth
-        self.tally.depth += B * T * depth
-        self.tally.heads += B * T
-        self.tally.tokens += B * T
-        self.last_depth = torch.full((B, T), depth, device=idx.device)
+        self.count_forward(idx, depth)
         if not early:
             return bb(idx, cache, start, positions=positions)
         x, ctx = bb.prepare(idx, cache, start, positions=positions)
@@ -122,7 +115,7 @@ class LayerSkipModel(Method):
 
     @property
     def speculator(self) -> LayerSkipModel | None:  # type: ignore[override]
-        if self.dense or self.lcfg.decoding != "speculative":
+        if self.dense or self.decoding != "speculative":
             return None
         return self
 
@@ -297,9 +290,9 @@ class LayerSkipModel(Method):
                                                       max_batches))
         E = self.exit_layer
         flops = (self.inference_flops_per_token(fl.causal_context(block_size), E)
-                 if self.lcfg.decoding == "early_exit" else None)
+                 if self.decoding == "early_exit" else None)
         reference = self.reference_flops_per_token(fl.causal_context(block_size))
-        return {"decoding": self.lcfg.decoding, "exit_layer": E,
+        return {"decoding": self.decoding, "exit_layer": E,
                 "draft_agreement": quality["exit_agreement_per_layer"][E - 1],
                 "flops_ratio": 1.0 if flops is None else flops / reference, **quality}
 
@@ -307,9 +300,6 @@ class LayerSkipModel(Method):
         """FLOPs per token of the first `layers` blocks and the head."""
         scores = fl.attention(self.cfg, context)["attn_scores"]
         return layers * (self.costs.layer + scores) + self.costs.head
-
-    def token_depth(self) -> Tensor | None:
-        return self.last_depth
 
     # -- the bench -------------------------------------------------------------------------------
     def set_exit_layer(self, value: float) -> None:
@@ -328,22 +318,10 @@ class LayerSkipModel(Method):
         return lambda: self.set_exit_layer(layer)
 
     @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        """The full model with plain decoding (no draft), on the same weights."""
-        dense, self.dense = self.dense, True
-        try:
-            yield
-        finally:
-            self.dense = dense
-
-    def reference_flops_per_token(self, context: float) -> float:
-        return sum(fl.forward_per_token(self.cfg, context).values())
-
-    @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         """Blocks and head reads that really ran (drafts, verify passes, rejected drafts
         included) per token produced, and the acceptance rate of the drafts."""
-        E, mode = self.exit_layer, self.lcfg.decoding
+        E, mode = self.exit_layer, self.decoding
 
         def summary(t: Tally) -> dict[str, Any]:
             tokens = max(t.tokens, 1)
