@@ -88,6 +88,12 @@ def test_a_threshold_that_never_exits_is_the_dense_model(name: str) -> None:
                            generate(bb, idx[:, :3], 6, temperature=0.0))
     assert m.flops_per_token(5.0) == pytest.approx(model.reference_flops_per_token(5.0))
     assert m.summary()["layers_per_token"] == bb.n_layers
+    # the exit loop itself, measuring confidences that never pass, is the dense model too
+    never = planned(bb, torch.full((2, 9), bb.n_layers - 1), confidence="softmax")
+    with torch.no_grad():
+        torch.testing.assert_close(never(idx).logits, got, atol=1e-6, rtol=1e-6)
+        assert torch.equal(generate(never, idx[:, :3], 6, temperature=0.0),
+                           generate(bb, idx[:, :3], 6, temperature=0.0))
 
 
 @pytest.mark.parametrize("name", ["ours", "llama", "gpt2", "gpt_neox", "gemma3"])

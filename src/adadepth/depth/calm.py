@@ -185,15 +185,15 @@ class CalmModel(ExitMethod):
                 positions: Tensor | None = None) -> Output:
         bb, L = self.backbone, self.backbone.n_layers
         B, T = idx.shape
-        if self.dense:
-            self.count_forward(idx, L)
+        if self.dense or not self.exits_possible() or (T > 1 and self.ccfg.prefill == "full"):
+            self.count_forward(idx, L)  # no token can exit: the backbone's own forward
             return bb(idx, cache, start, positions=positions)
         own = cache is None  # a scoring call: copied states are only needed inside it
         if own:
             end = start + T if positions is None else int(positions.max()) + 1
             cache = bb.new_cache(B, end)
         h, ctx = bb.prepare(idx, cache, start, positions=positions)
-        exits = self.exits_possible() and not (T > 1 and self.ccfg.prefill == "full")
+        whole = self.whole_step(cache, ctx) if not own else []
         running = torch.ones(B, T, dtype=torch.bool, device=h.device)
         exit_layer = torch.full((B, T), L - 1, dtype=torch.long, device=h.device)
         logits: Tensor | None = None
@@ -212,8 +212,6 @@ class CalmModel(ExitMethod):
                 logits = self.place(logits, sub, bb.head(out), B, T, None)
                 self.tally.heads += sub.count
                 continue
-            if not exits:
-                continue
             conf, layer_logits = self.confidence(i, out, inp)
             self.tally.heads += sub.count if layer_logits is not None else 0
             self.tally.probes += sub.count if self.classifier is not None else 0
@@ -229,10 +227,22 @@ class CalmModel(ExitMethod):
             flat = sub.flat(B, T)[sub.real(leave)]
             running.view(-1)[flat] = False
             exit_layer.view(-1)[flat] = i
+        for layer in whole:  # every row wrote its slot, by running the block or copying
+            cache.complete[layer] = True
         self.tally.tokens += B * T
         self.last_depth = exit_layer + 1
         assert logits is not None
         return Output(logits=logits, hidden=h)
+
+    @staticmethod
+    def whole_step(cache: KVCache, ctx: Any) -> list[int]:
+        """Layers whose cache stays complete after a decoding step of every row at the next
+        position. Each row writes its slot at every layer (running rows by the block, exited
+        ones by `write_kv`), but the cache must assume a write for chosen rows leaves holes and
+        would make every later step build an attention mask; this restores what it knew."""
+        if not ctx.contiguous:
+            return []
+        return [i for i in range(len(cache)) if cache.complete[i] and ctx.start <= cache.extent[i]]
 
     def copy_states_up(self, layer: int, h: Tensor, ctx: Any, running: Tensor,
                        own: bool) -> None:

@@ -75,6 +75,17 @@ def default_sweep(n_layers: int) -> tuple[float, ...]:
                          for f in (0.25, 0.5, 0.75)}))
 
 
+def where(positions: Tensor) -> dict[str, Any]:
+    """`prepare`'s position arguments for tokens at `positions` (B, T): a plain start when
+    every row is at the same consecutive places (the cache then stays contiguous and attention
+    needs no mask, as in plain decoding), else the positions of each row."""
+    first = positions[:1]
+    steps = torch.arange(first.shape[1], device=first.device)
+    if bool((positions == first).all()) and bool((first == first[0, 0] + steps).all()):
+        return {"start": int(first[0, 0])}
+    return {"positions": positions}
+
+
 class LayerSkipModel(ExitMethod):
     """A backbone trained to exit early, decoding by drafting with its first E layers."""
 
@@ -128,10 +139,10 @@ class LayerSkipModel(ExitMethod):
         """n tokens after `last`, each from the first E blocks and the shared head; their
         states at block E are kept for the verify pass (LayerSkip's exit query cache)."""
         bb, E, B = self.backbone, self.exit_layer, last.shape[0]
-        token, pos = last, positions.unsqueeze(1)
+        token, place = last, where(positions.unsqueeze(1))
         drafts, probs, states = [], [], []
-        for _ in range(n):
-            x, ctx = bb.prepare(token, cache, positions=pos)
+        for k in range(n):
+            x, ctx = bb.prepare(token, cache, **{key: at + k for key, at in place.items()})
             for i in range(E):
                 x = bb.run_layer(i, x, ctx)
             states.append(x)
@@ -139,7 +150,6 @@ class LayerSkipModel(ExitMethod):
             drafts.append(token)
             if p is not None:
                 probs.append(p)
-            pos = pos + 1
         self.tally.layers += B * n * E
         self.tally.heads += B * n
         self.pending = (positions.clone(), torch.cat(states, 1))
@@ -154,12 +164,15 @@ class LayerSkipModel(ExitMethod):
         if (pending is None or pending[1].shape[1] != width - 1
                 or not torch.equal(pending[0], positions[:, 0])):
             E = 0  # nothing drafted to reuse: the full model from the first block
-            h, ctx = bb.prepare(tokens, cache, positions=positions)
+            h, ctx = bb.prepare(tokens, cache, **where(positions))
         else:
-            x, ctx = bb.prepare(tokens[:, -1:], cache, positions=positions[:, -1:])
+            x, ctx = bb.prepare(tokens[:, -1:], cache, **where(positions[:, -1:]))
             for i in range(E):
                 x = bb.run_layer(i, x, ctx)
-            h, ctx = torch.cat([pending[1], x], 1), Context.at(positions, cache)
+            h = torch.cat([pending[1], x], 1)
+            start = where(positions).get("start")
+            ctx = (Context.at(positions, cache) if start is None
+                   else Context.block(start, width, h.device, cache))
             self.tally.layers += B * E
         for i in range(E, bb.n_layers):
             h = bb.run_layer(i, h, ctx)
