@@ -216,6 +216,13 @@ def test_subset_gathers_and_scatters_ragged_rows() -> None:
     close(out[mask], x[mask] + 1)
     close(out[~mask], x[~mask])
     assert Subset.of(ctx, torch.zeros(3, 6, dtype=torch.bool)) is None
+    # a long row is cut into pieces of the common width rather than padding the short ones
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]]).bool()
+    sub = Subset.of(ctx, mask)
+    assert sub is not None and sub.count == 4 * 3 and sub.rows.tolist() == [0, 0, 1, 2]  # not 18
+    out = sub.scatter(x, sub.gather(x) * 2)
+    close(out[mask], x[mask] * 2)
+    close(out[~mask], x[~mask])
 
 
 # -- calibration ----------------------------------------------------------------------------

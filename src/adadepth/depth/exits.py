@@ -105,12 +105,13 @@ class Subset:
     """Tokens of a (B, T) call chosen by a mask, gathered so a block runs on them alone.
 
     One token per row (decoding): whole rows are selected (`ctx.select(rows=...)`). Several:
-    rows without a chosen token are dropped and the rest are packed to the longest row's count,
-    in position order, with padding entries that run but write nothing and are discarded.
+    each row's chosen tokens are cut into pieces of one width, in position order, the last piece
+    of a row filled with padding entries that run but write nothing and are discarded. Running
+    a block on pieces needs a cache: the tokens of a row attend to each other through it.
     """
 
     ctx: Context
-    rows: Tensor | None  # (B',) rows of the call, None = all
+    rows: Tensor | None  # (B',) the call's row of each entry row (repeated for pieces), None = all
     index: Tensor | None  # (B', k) token index within each row, None = every token
     pad: Tensor | None  # (B', k) padding entries
     count: int  # entries that run (padding included): what the block really computes
@@ -127,19 +128,28 @@ class Subset:
                 return None
             return cls(ctx.select(rows=rows), rows, None, None, len(rows))
         counts = mask.sum(1)
-        width = int(counts.max())
-        if width == 0:
+        total = int(counts.sum())
+        if total == 0:
             return None
-        if width == T and bool(mask.all()):
+        if total == B * T:
             return cls(ctx, None, None, None, B * T)
-        rows = (counts > 0).nonzero().squeeze(1)
-        sub, counts = mask.index_select(0, rows), counts.index_select(0, rows)
-        # chosen tokens first, in position order (a stable sort of "not chosen")
-        index = torch.sort((~sub).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        pad = torch.arange(width, device=mask.device) >= counts.unsqueeze(1)
-        full_rows = len(rows) == B
-        return cls(ctx.select(rows=None if full_rows else rows, index=index, pad=pad),
-                   None if full_rows else rows, index, pad, len(rows) * width)
+        # Pieces of a common width, as many per row as its tokens need: padding every row to
+        # the longest would run mostly padding when one row keeps many tokens and the rest few.
+        # Pieces of one row see each other through the cache, where the call writes K/V first.
+        width = -(-total // int((counts > 0).sum()))
+        pieces = (counts + width - 1) // width
+        rows = torch.repeat_interleave(torch.arange(B, device=mask.device), pieces)
+        first = torch.cumsum(pieces, 0) - pieces
+        b, t = mask.nonzero(as_tuple=True)  # by row, then by position
+        rank = (mask.cumsum(1) - 1)[b, t]
+        n = len(rows)
+        index = torch.zeros(n, width, dtype=torch.long, device=mask.device)
+        pad = torch.ones(n, width, dtype=torch.bool, device=mask.device)
+        index[first[b] + rank // width, rank % width] = t
+        pad[first[b] + rank // width, rank % width] = False
+        last = index.gather(1, (~pad).sum(1, keepdim=True) - 1)
+        index = torch.where(pad, last, index)  # padding repeats the piece's last position
+        return cls(ctx.select(rows=rows, index=index, pad=pad), rows, index, pad, n * width)
 
     def gather(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> the subset's entries (B', k, ...)."""
