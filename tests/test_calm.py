@@ -216,10 +216,12 @@ def test_subset_gathers_and_scatters_ragged_rows() -> None:
     close(out[mask], x[mask] + 1)
     close(out[~mask], x[~mask])
     assert Subset.of(ctx, torch.zeros(3, 6, dtype=torch.bool)) is None
-    # a long row is cut into pieces of the common width rather than padding the short ones
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]]).bool()
+    # a long row is cut into pieces of one width rather than every row padded to its length
+    x, ctx = bb.prepare(tokens(3, 64))
+    mask = torch.zeros(3, 64, dtype=torch.bool)
+    mask[0], mask[1, [5, 9]], mask[2, 40] = True, True, True
     sub = Subset.of(ctx, mask)
-    assert sub is not None and sub.count == 4 * 3 and sub.rows.tolist() == [0, 0, 1, 2]  # not 18
+    assert sub is not None and sub.count < 3 * 64 and int((sub.rows == 0).sum()) > 1
     out = sub.scatter(x, sub.gather(x) * 2)
     close(out[mask], x[mask] * 2)
     close(out[~mask], x[~mask])

@@ -136,7 +136,7 @@ class Subset:
         # Pieces of a common width, as many per row as its tokens need: padding every row to
         # the longest would run mostly padding when one row keeps many tokens and the rest few.
         # Pieces of one row see each other through the cache, where the call writes K/V first.
-        width = -(-total // int((counts > 0).sum()))
+        width = piece_width(counts.tolist())
         pieces = (counts + width - 1) // width
         rows = torch.repeat_interleave(torch.arange(B, device=mask.device), pieces)
         first = torch.cumsum(pieces, 0) - pieces
@@ -182,6 +182,23 @@ class Subset:
         B, T = x.shape[:2]
         flat = x.reshape(B * T, *x.shape[2:]).index_copy(0, self.flat(B, T), self.real(y))
         return flat.view_as(x)
+
+
+PIECE_COST = 16  # a piece reads its row's whole cache: counted as this many entries (ours)
+
+
+def piece_width(counts: list[int], splits: int = 8) -> int:
+    """The width of the cheapest cut: the longest row whole, or in 2, 3, ... `splits` parts;
+    a cut costs its entries (padding included) and PIECE_COST per piece."""
+    longest = max(counts)
+    best, width = None, longest
+    for parts in range(1, splits + 1):
+        w = -(-longest // parts)
+        pieces = sum(-(-c // w) for c in counts)
+        cost = pieces * (w + PIECE_COST)
+        if best is None or cost < best:
+            best, width = cost, w
+    return width
 
 
 # -- counting what ran ----------------------------------------------------------------------
