@@ -13,7 +13,7 @@
    after a 32-token prompt); CALM at confidence thresholds 1.0 ... 0.4, LayerSkip's
    self-speculative decoding at exit (draft) layers of a quarter, half and three quarters of
    the depth. Writes bench.json / bench.png per method under --out and prints both tables.
-Runs that already exist are reused, so a second call only re-times.
+Finished runs are reused and interrupted ones resumed, so a second call only re-times.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ def main() -> None:
     out = Path(args.out or f"runs/bench-exits-{args.preset}")
     backbone = out / "backbone"
     quick = ["train.eval_interval=100000", "train.eval_batches=4", "train.log_interval=50"]
-    if not (backbone / "LATEST").exists():
-        run(["pretrain", "--preset", args.preset, "--steps", str(args.pretrain_steps),
-             "--out", str(backbone), *quick])
+    # --resume: a finished run is reused as it is, an interrupted one continues
+    run(["pretrain", "--preset", args.preset, "--steps", str(args.pretrain_steps),
+         "--out", str(backbone), "--resume", *quick])
     fits = {"calm": ["calm.calibration_windows=64"], "layerskip": []}
     for method, options in fits.items():
         folder = out / method
         if not (folder / "metrics.json").exists():
             run(["fit", "--method", method, "--backbone", str(backbone), "--steps",
-                 str(args.fit_steps), "--out", str(folder), *quick, *options])
+                 str(args.fit_steps), "--out", str(folder), "--resume", *quick, *options])
         run(["bench", str(folder), "--reps", str(args.reps), "--decode-tokens",
              str(args.decode_tokens), "--out", str(folder)])
     for method in fits:

@@ -9,7 +9,8 @@ every block's output is read through the one shared LM head, and the per-layer l
 averaged with weights that grow with depth, over the exits a curriculum enables at step t
 (rotational: every R-th layer, shifted by one each step; gradual: from the last layer down).
 
-Inference, at exit layer E:
+Inference, at exit layer E (default: a quarter of the layers, the ratio of the public code's
+example):
 - `decoding: early_exit`: the first E blocks and the shared head, nothing else (every call);
 - `decoding: speculative` (default): the model is the full model, and generation drafts
   `draft_tokens` tokens with the first E blocks, then verifies them with one pass of the full
@@ -65,8 +66,8 @@ class LayerSkipConfig(Strict):
         "shared", description="exits read the final norm and head (the paper) or a norm each")
     decoding: Literal["speculative", "early_exit"] = "speculative"
     exit_layer: PositiveInt | None = Field(None, description="E: blocks the draft (or the "
-                                           "early-exit model) runs; None = half the layers")
-    draft_tokens: PositiveInt = Field(6, description="tokens drafted per round")
+                                           "early-exit model) runs; None = a quarter of them")
+    draft_tokens: PositiveInt = Field(4, description="tokens drafted per round")
 
 
 def default_sweep(n_layers: int) -> tuple[float, ...]:
@@ -102,7 +103,7 @@ class LayerSkipModel(ExitMethod):
         self.heads = ExitHeads(backbone, own_norms=cfg.exit_norm == "per_layer")
         p = next(backbone.parameters())
         self.heads.to(device=p.device, dtype=p.dtype)
-        self.exit_layer = cfg.exit_layer or max(1, L // 2)
+        self.exit_layer = cfg.exit_layer or max(1, round(L / 4))
         self.decoding = cfg.decoding  # an inference choice: the weights do not depend on it
         self.knob = Knob("exit_layer", default_sweep(L), low=0, high=L - 1, integer=True)
         self.costs = UnitCosts.of(backbone.cfg)
