@@ -440,6 +440,10 @@ class CalmModel(ExitMethod):
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         return lambda: self.threshold.fill_(value)
 
+    def current_knob_value(self) -> float | None:
+        value = float(self.threshold)
+        return None if math.isnan(value) else value
+
     def current_setting(self) -> Callable[[], None]:
         value = float(self.threshold)
         return lambda: self.threshold.fill_(value)

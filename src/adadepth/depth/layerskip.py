@@ -327,6 +327,9 @@ class LayerSkipModel(ExitMethod):
         self.set_exit_layer(value)  # a bad value fails now, not in the middle of the bench
         return lambda: self.set_exit_layer(value)
 
+    def current_knob_value(self) -> float | None:
+        return float(self.exit_layer)
+
     def current_setting(self) -> Callable[[], None]:
         layer = self.exit_layer
         return lambda: self.set_exit_layer(layer)
