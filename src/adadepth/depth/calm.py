@@ -154,12 +154,12 @@ class CalmModel(ExitMethod):
                             "one on held-out text (model.calibrate(windows))")
         return float(self.threshold) < 1 or self.ccfg.decay > 0
 
-    def thresholds(self, positions: Tensor) -> Tensor:
-        """The threshold of tokens at `positions`: constant, or decaying with the position as
-        the paper's decaying threshold does with the decoding step."""
+    def thresholds(self, positions: Tensor) -> float | Tensor:
+        """The threshold of tokens at `positions` (B or 1, T): one number, or decaying with
+        the position as the paper's decaying threshold does with the decoding step."""
         lam = float(self.threshold)
         if self.ccfg.decay == 0:
-            return torch.full(positions.shape, lam, device=positions.device)
+            return lam
         horizon = self.ccfg.decay_horizon or self.cfg.max_seq_len
         return lam * (0.9 + 0.1 * torch.exp(-self.ccfg.decay * positions.float() / horizon))
 
@@ -195,18 +195,19 @@ class CalmModel(ExitMethod):
         h, ctx = bb.prepare(idx, cache, start, positions=positions)
         whole = self.whole_step(cache, ctx) if not own else []
         running = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        left = B * T  # tokens still running, kept on the host: one read-back per layer
         exit_layer = torch.full((B, T), L - 1, dtype=torch.long, device=h.device)
         logits: Tensor | None = None
         for i in range(L):
-            if i and not bool(running.all()):
-                self.copy_states_up(i, h, ctx, running, own)
-            sub = Subset.of(ctx, running)
+            if left < B * T:
+                self.copy_states_up(i, h, ctx, running, own, B * T - left)
+            sub = Subset.of(ctx, running, left)
             if sub is None:
                 continue
             inp = sub.gather(h)
             out = bb.run_layer(i, inp, sub.ctx)
             self.tally.layers += sub.count
-            self.tally.depth += int(running.sum())
+            self.tally.depth += left
             h = sub.scatter(h, out)
             if i == L - 1:
                 logits = self.place(logits, sub, bb.head(out), B, T, None)
@@ -218,7 +219,8 @@ class CalmModel(ExitMethod):
             leave = self.decide(i, conf, sub)
             if sub.pad is not None:
                 leave &= ~sub.pad
-            if not bool(leave.any()):
+            leaving = int(leave.sum())
+            if not leaving:
                 continue
             if layer_logits is None:  # the head runs once, at the exit
                 layer_logits = self.heads.logits(bb, i, out)
@@ -227,6 +229,7 @@ class CalmModel(ExitMethod):
             flat = sub.flat(B, T)[sub.real(leave)]
             running.view(-1)[flat] = False
             exit_layer.view(-1)[flat] = i
+            left -= leaving
         for layer in whole:  # every row wrote its slot, by running the block or copying
             cache.complete[layer] = True
         self.tally.tokens += B * T
@@ -244,18 +247,18 @@ class CalmModel(ExitMethod):
             return []
         return [i for i in range(len(cache)) if cache.complete[i] and ctx.start <= cache.extent[i]]
 
-    def copy_states_up(self, layer: int, h: Tensor, ctx: Any, running: Tensor,
-                       own: bool) -> None:
-        """K/V at `layer` of tokens that exited below it, from their copied states. Within a
-        scoring call only tokens that a later running token attends to need them; a decoding
-        cache keeps them all for the tokens still to come."""
+    def copy_states_up(self, layer: int, h: Tensor, ctx: Any, running: Tensor, own: bool,
+                       exited: int) -> None:
+        """K/V at `layer` of the `exited` tokens that left below it, from their copied states.
+        Within a scoring call only tokens that a later running token attends to need them; a
+        decoding cache keeps them all for the tokens still to come."""
         need = ~running
         if own:
             T = running.shape[1]
             order = torch.arange(T, device=running.device)
             last = torch.where(running, order, -1).max(1).values
             need &= order < last.unsqueeze(1)
-        sub = Subset.of(ctx, need)
+        sub = Subset.of(ctx, need, None if own else exited)
         if sub is not None:
             self.backbone.write_kv(layer, sub.gather(h), sub.ctx)
             self.tally.kv += sub.count

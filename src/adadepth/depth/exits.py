@@ -117,22 +117,20 @@ class Subset:
     count: int  # entries that run (padding included): what the block really computes
 
     @classmethod
-    def of(cls, ctx: Context, mask: Tensor) -> Subset | None:
-        """The subset of `mask` (B, T); None when it is empty."""
+    def of(cls, ctx: Context, mask: Tensor, total: int | None = None) -> Subset | None:
+        """The subset of `mask` (B, T); None when it is empty. `total`, the number of chosen
+        tokens when the caller knows it, spares a read-back from the device."""
         B, T = mask.shape
-        if T == 1:
-            if bool(mask.all()):
-                return cls(ctx, None, None, None, B)
-            rows = mask[:, 0].nonzero().squeeze(1)
-            if not len(rows):
-                return None
-            return cls(ctx.select(rows=rows), rows, None, None, len(rows))
-        counts = mask.sum(1)
-        total = int(counts.sum())
+        if total is None:
+            total = int(mask.sum())
         if total == 0:
             return None
         if total == B * T:
             return cls(ctx, None, None, None, B * T)
+        if T == 1:
+            rows = mask[:, 0].nonzero().squeeze(1)
+            return cls(ctx.select(rows=rows), rows, None, None, len(rows))
+        counts = mask.sum(1)
         # Pieces of a common width, as many per row as its tokens need: padding every row to
         # the longest would run mostly padding when one row keeps many tokens and the rest few.
         # Pieces of one row see each other through the cache, where the call writes K/V first.
