@@ -1,6 +1,7 @@
 """Measured vs ideal speedup of the early-exit methods: CALM and LayerSkip.
 
-    python benchmarks/bench_exits.py --preset small [--reps 3] [--out runs/bench-exits-small]
+    python benchmarks/bench_exits.py --preset small [--reps 3] [--threads 1]
+        [--pretrain-steps 600] [--fit-steps 200] [--out runs/bench-exits-small]
 
 1. pretrains a char-level backbone of the preset's width (`adadepth pretrain`): unlike routing
    at a fixed budget, how much early exit saves depends on how well the model predicts, so the
@@ -22,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from adadepth.bench import format_table
 from adadepth.cli import main as cli
 
@@ -38,11 +41,16 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for training and timing; 0 = torch's default")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/bench-exits-{args.preset}")
     backbone = out / "backbone"
-    quick = ["train.eval_interval=100000", "train.eval_batches=4", "train.log_interval=50"]
+    quick = ["train.eval_interval=100000", "train.eval_batches=4", "train.log_interval=50",
+             f"train.threads={args.threads}"]
     # --resume: a finished run is reused as it is, an interrupted one continues
     run(["pretrain", "--preset", args.preset, "--steps", str(args.pretrain_steps),
          "--out", str(backbone), "--resume", *quick])

@@ -6,8 +6,8 @@ intermediate layers (`ExitHeads`: through a norm per exit, or the final norm sha
 a weighted sum of per-layer losses (`layer_states`, `exit_loss`), and report their costs from
 what really ran (`Tally`): blocks run in full, blocks whose keys and values alone were written
 for a copied state, and LM-head reads. `Subset` gathers the tokens a block runs on (whole rows
-when decoding one token per row, a ragged selection within rows otherwise) and scatters the
-block's output back.
+when decoding one token per row, pieces of rows otherwise) and scatters the block's output
+back.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def exit_loss(heads: ExitHeads, backbone: nn.Module, layer: int, h: Tensor,
     def loss(state: Tensor) -> Tensor:
         return causal_lm_loss(heads.logits(backbone, layer, state), targets)
 
-    if torch.is_grad_enabled() and h.requires_grad:
+    if torch.is_grad_enabled():
         return checkpoint(loss, h, use_reentrant=False)
     return loss(h)
 
