@@ -13,7 +13,7 @@ Depths' run/skip masks, an early exit's exit layer. `method_decisions` reads any
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -35,16 +35,32 @@ def method_decisions(model: nn.Module) -> Decide:
     return decide
 
 
-def assert_causal(decide: Decide, tokens: Tensor, vocab: int, cut: int) -> None:
-    """Change every token from `cut` on: the decisions before `cut` must not move."""
+def assert_causal(decide: Decide, tokens: Tensor, vocab: int,
+                  cuts: int | Iterable[int] | None = None, seed: int = 0) -> list[Tensor]:
+    """Change every token from each cut on (every position when `cuts` is None): the decisions
+    before the cut must not move.
+
+    Returns the decisions of every changed sequence, so a test can also check that the change
+    reached the later decisions (a check that cannot fail proves nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = tokens.shape[1]
     before = decide(tokens)
-    changed = tokens.clone()
-    changed[:, cut:] = (changed[:, cut:] + 1) % vocab
-    after = decide(changed)
     assert before.shape[:2] == tokens.shape, "a decision reader returns (B, T, ...)"
-    moved = (before[:, :cut] != after[:, :cut]).reshape(tokens.shape[0], cut, -1).any(-1)
-    assert not moved.any(), f"decisions before position {cut} depend on later tokens: " \
-        f"(row, position) {moved.nonzero().tolist()[:4]}"
+    if cuts is None:
+        cuts = range(1, T)
+    elif isinstance(cuts, int):
+        cuts = [cuts]
+    seen = []
+    for cut in cuts:
+        changed = tokens.clone()
+        shift = torch.randint(1, vocab, (tokens.shape[0], T - cut), generator=gen)
+        changed[:, cut:] = (tokens[:, cut:] + shift.to(tokens.device)) % vocab
+        after = decide(changed)
+        moved = (before[:, :cut] != after[:, :cut]).reshape(tokens.shape[0], cut, -1).any(-1)
+        assert not moved.any(), f"decisions before position {cut} depend on later tokens: " \
+            f"(row, position) {moved.nonzero().tolist()[:4]}"
+        seen.append(after)
+    return seen
 
 
 def assert_cached_decisions_match(model: nn.Module, decide: Decide, tokens: Tensor,

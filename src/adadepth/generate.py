@@ -66,6 +66,9 @@ class Speculator(Protocol):
         every layer's K/V at those positions."""
         ...
 
+    # Optional: `observe(accepted (B,), active (B,) bool)` is called after every round with the
+    # drafted tokens each row kept, so a speculator can count acceptance and tokens produced.
+
 
 @torch.no_grad()
 def sample_next(logits: Tensor, temperature: float, top_k: int | None,
@@ -143,6 +146,9 @@ def speculative(spec: Speculator, cache: KVCache, logits: Tensor, start: int, n:
         accepted, nxt = accept(draft, q, p_logits, sample)
         done = torch.tensor([len(row) >= n for row in out], device=device)
         accepted = accepted.masked_fill(done, 0)
+        observe = getattr(spec, "observe", None)
+        if observe is not None:
+            observe(accepted, ~done)
         for b in range(batch):
             if done[b]:
                 continue

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 # Importing a method's module registers it (ensemble also registers ensemble+lora, lora, full).
 from adadepth.depth import (  # noqa: F401
+    calm,
     ensemble,
+    layerskip,
     mod,
     routing,
     static_skip,

@@ -146,6 +146,9 @@ class Method(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # -- training (`adadepth fit` and the commands built on it) ---------------------------------
+    def begin_training(self, total_steps: int) -> None:
+        """Told the planned length of training before it starts (for curricula over steps)."""
+
     def set_trainable(self, from_scratch: bool) -> None:
         """Which weights train: everything when the backbone is new, else by default only what
         the method added, on a frozen backbone."""

@@ -150,6 +150,7 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
     seed_everything(cfg.train.seed)
     model = spec.build(backbone, options)
     model.set_trainable(from_scratch=cfg.backbone is None)
+    model.begin_training(cfg.train.steps)
     meta = {"method": spec.name, "method_config": options.model_dump(), **backbone_meta,
             "data": data_cfg.model_dump()}
     if resume and (out / runs.CONFIG).is_file():
