@@ -160,7 +160,7 @@ def cmd_route(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in keys}))
 
 
-def cmd_fit(args: argparse.Namespace) -> None:
+def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
     from adadepth.jobs.fit import FitConfig, fit, fit_config
 
     defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
@@ -175,10 +175,19 @@ def cmd_fit(args: argparse.Namespace) -> None:
         flags["data"] = data
     if train:
         flags["train"] = train
+    if method_flags:  # a method's own command: its flags go to its section
+        flags[args.method] = method_flags
     cfg = fit_config(config_dict(args, base, flags))
     metrics = fit(cfg, Path(args.out), resume=args.resume)
     print(json.dumps(rounded({k: v for k, v in metrics.items()
                               if isinstance(v, int | float | str) or v is None})))
+
+
+def cmd_ponder(args: argparse.Namespace) -> None:
+    """`adadepth ponder`: fit with the method fixed to ponder (AdaPonderLM)."""
+    args.method = "ponder"
+    cmd_fit(args, {k: v for k, v in (("passes", args.passes), ("halting", args.halting))
+                   if v is not None})
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -197,6 +206,24 @@ def cmd_study(args: argparse.Namespace) -> None:
     from adadepth.studies import run_study
 
     run_study(args)
+
+
+def fit_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `fit` and of the commands that are fit with the method fixed."""
+    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
+                   "or a known backbone such as smollm2-135m; omit to train from scratch")
+    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
+    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
+                   "tiny-shakespeare)")
+    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. METHOD.option=... "
+                   "train.batch_size=8")
 
 
 def build_parser() -> Parser:
@@ -258,21 +285,16 @@ def build_parser() -> Parser:
     p = sub.add_parser("fit", help="train any registered method, over a backbone or from "
                        "scratch")
     p.add_argument("--method", required=True, help="a registered method (see docs/methods.md)")
-    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
-                   "or a known backbone such as smollm2-135m; omit to train from scratch")
-    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
-    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
-                   "tiny-shakespeare)")
-    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. METHOD.option=... "
-                   "train.batch_size=8")
+    fit_arguments(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("ponder", help="train AdaPonderLM (gated pondering, token-wise halting) "
+                       "over a backbone or from scratch")
+    p.add_argument("--passes", type=positive_int, help="K, passes of the backbone (default 4)")
+    p.add_argument("--halting", choices=["learned", "none", "uniform", "geometric"],
+                   help="learned gates (default), none (PonderLM), or a fixed schedule")
+    fit_arguments(p)
+    p.set_defaults(func=cmd_ponder)
 
     p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
     p.add_argument("run", help="the run folder of an adaptive method")
@@ -295,10 +317,11 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
     p.add_argument("name", nargs="?", default="aux-losses",
-                   help="aux-losses (default) or leaderboard")
+                   help="aux-losses (default), leaderboard or ponder")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, help="controller steps per run (aux-losses)")
+    p.add_argument("--steps", type=positive_int,
+                   help="training steps per run (aux-losses: controller; ponder: every arm)")
     p.add_argument("--ablations", action="store_true",
                    help="aux-losses: add A1, A4, 25%% budget, on-policy")
     p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")

@@ -6,7 +6,10 @@ code that serves all methods (run folders, `from_pretrained`, `bench`) never nam
 
 from __future__ import annotations
 
-from adadepth.depth import routing  # noqa: F401  (registers the method)
+from adadepth.depth import (
+    ponder,  # noqa: F401  (registers the method)
+    routing,  # noqa: F401  (registers the method)
+)
 from adadepth.depth.method import Method, MethodSpec
 from adadepth.depth.registry import lookup, names
 from adadepth.errors import UserError

@@ -29,7 +29,14 @@ def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"rows": len(results["rows"])}
 
 
-STUDIES = {"aux-losses": run_aux_losses, "leaderboard": run_leaderboard}
+def run_ponder(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ponder import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
+STUDIES = {"aux-losses": run_aux_losses, "leaderboard": run_leaderboard, "ponder": run_ponder}
 
 
 def run_study(args: argparse.Namespace) -> None:
