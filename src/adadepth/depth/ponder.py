@@ -134,13 +134,19 @@ class Subset:
             return full
         return full.flatten(0, 1)[self.flat]
 
-    def real_flat(self, full_shape: tuple[int, int]) -> Tensor:
+    def flat_index(self, batch: int, length: int) -> Tensor:
+        """(B', W) place of every entry among the call's tokens."""
         if self.flat is None:
-            return torch.arange(full_shape[0] * full_shape[1], device=self.ctx.positions.device)
-        return self.flat[self.real] if self.real is not None else self.flat.flatten()
+            return torch.arange(batch * length, device=self.ctx.positions.device).view(
+                batch, length)
+        return self.flat
 
-    def real_mask(self, like: Tensor) -> Tensor:
-        return torch.ones_like(like, dtype=torch.bool) if self.real is None else self.real
+    def real_mask(self, batch: int, length: int) -> Tensor:
+        """(B', W) True on real entries."""
+        if self.real is not None:
+            return self.real
+        shape = self.flat.shape if self.flat is not None else (batch, length)
+        return torch.ones(shape, dtype=torch.bool, device=self.ctx.positions.device)
 
 
 def select_tokens(ctx: Context, active: Tensor) -> Subset | None:
@@ -235,7 +241,7 @@ class PonderModel(Method):
         logits_out: Tensor | None = None
         hidden_out: Tensor | None = None
         record = PonderRecord(passes.view(B, T))
-        layer_inputs: list[Tensor | None] = [None] * L  # masked reference: last active inputs
+        replay: list[Tensor | None] = [None] * L  # masked reference: last active layer inputs
         for i in range(K):
             x, ctx = bb.prepare(embeds=embeds, cache=store, start=start, positions=positions)
             ctx = ctx.with_kv_offset(i * L)
@@ -244,29 +250,26 @@ class PonderModel(Method):
                 for layer in range(L):  # KV reuse: halted tokens keep their last pass's K/V
                     store.carry((i - 1) * L + layer, i * L + layer, halted.ctx)
             sub = Subset(ctx, None, active) if masked else select_tokens(ctx, active)
-            if sub is None:  # every token of the call has halted
+            if sub is None:  # every token of the call has halted (the cache still gets K/V)
                 if cache is None:
                     break
                 continue
             h = sub.gather(x)
             for layer in range(L):
-                if masked:  # halted tokens replay their last active inputs (dense reference)
-                    if layer_inputs[layer] is not None:
-                        h = torch.where(active.unsqueeze(-1), h, layer_inputs[layer])
-                    layer_inputs[layer] = h
+                if masked:  # halted tokens replay their last active inputs
+                    if replay[layer] is not None:
+                        h = torch.where(active.unsqueeze(-1), h, replay[layer])
+                    replay[layer] = h
                 h = bb.run_layer(layer, h, sub.ctx)
             normed = bb.final_norm(h)
             logits = bb.unembed(normed)
-            real = sub.real_mask(logits[..., 0])
-            flat = sub.flat if sub.flat is not None else torch.arange(
-                B * T, device=idx.device).view(B, T)
+            flat, real = sub.flat_index(B, T), sub.real_mask(B, T)
             passes[flat[real]] += 1
             if logits_out is None:
                 logits_out = logits.new_empty(B * T, logits.shape[-1])
                 hidden_out = h.new_empty(B * T, h.shape[-1])
-            if i == K - 1:
-                done = real
-            else:
+            done = real
+            if i < K - 1:  # decide who goes on, and give them their pondering embedding
                 go, gate = self._continue(i, sub, normed, idx, real, record)
                 e = bb.embed_soft(logits.float().softmax(-1)) * scale
                 step = e if gate is None else gate.unsqueeze(-1).to(e.dtype) * e
@@ -279,9 +282,9 @@ class PonderModel(Method):
                 active = torch.zeros(B * T, dtype=torch.bool, device=idx.device)
                 active[flat[go]] = True
                 active = active.view(B, T)
-            logits_out[flat[done]] = logits[done]
+            logits_out[flat[done]] = logits[done]  # a halting token leaves with this pass's
             hidden_out[flat[done]] = h[done]
-            if not bool(active.any()) and cache is None:
+            if cache is None and not bool(active.any()):
                 break
         assert logits_out is not None and hidden_out is not None
         self.record = record
@@ -300,7 +303,7 @@ class PonderModel(Method):
             s = torch.sigmoid(gate(normed).squeeze(-1).float())
             record.gates.append(s[real])
             return real & (s >= self.tau), s
-        if self.pcfg.halting in ("none",) or self.force_open:
+        if self.pcfg.halting == "none" or self.force_open:
             return real, None
         positions = sub.ctx.positions.expand(real.shape[0], -1)
         draw = token_uniform(positions, sub.gather(idx), i, self.pcfg.schedule_seed)
