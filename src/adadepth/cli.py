@@ -216,14 +216,18 @@ def fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
                    "tiny-shakespeare)")
     p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
+    run_arguments(p, "key=value, e.g. METHOD.option=... train.batch_size=8")
+
+
+def run_arguments(p: argparse.ArgumentParser, example: str) -> None:
+    """The options every training command shares."""
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="YAML file with any config fields")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. METHOD.option=... "
-                   "train.batch_size=8")
+    p.add_argument("overrides", nargs="*", help=example)
 
 
 def build_parser() -> Parser:
@@ -273,13 +277,7 @@ def build_parser() -> Parser:
     p.add_argument("--budget", type=float, help="full-path fraction in (0, 1]")
     p.add_argument("--aux", type=aux_list, help="comma list of util,rank,jepa, or none")
     p.add_argument("--oracle", choices=["off_policy", "on_policy"])
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
+    run_arguments(p, "key=value, e.g. routing.d_z=32")
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("fit", help="train any registered method, over a backbone or from "

@@ -173,6 +173,13 @@ def findings(arms: dict[str, list[Run]], vs: dict[str, Any], wins: dict[str, lis
 
 
 # -- plots ---------------------------------------------------------------------------------------
+def save(fig: Any, ax: Any, path: Path) -> None:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = {"baseline": "s", "ada": "o", "sweep": "o", "ablation": "^", "schedule": "D"}
@@ -194,10 +201,7 @@ def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
         ax.plot(*zip(*frontier, strict=True), "k--", lw=0.8, label="AdaPonderLM frontier (means)")
     ax.set(xlabel="inference FLOPs per token / backbone's", ylabel="validation perplexity",
            title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: str,
@@ -214,10 +218,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                [h / total for h in hist], width, label=name)
     ax.set(xlabel="passes run", ylabel="fraction of held-out tokens",
            title="passes per token (all seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / files[0], dpi=120)
-    plt.close(fig)
+    save(fig, ax, out / files[0])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, key in enumerate(sorted(k for k in analysis if k.startswith(f"{track}-seed"))):
@@ -231,10 +232,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                    alpha=0.15, color=f"C{n}")
     ax.set(xlabel="passes under AdaPonderLM", ylabel="NLL under the backbone (nats)",
            title="harder tokens (by the backbone) get more passes?")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / files[1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, out / files[1])
     return files
 
 
