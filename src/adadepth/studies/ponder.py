@@ -54,14 +54,16 @@ SCHEDULES = ("uniform", "geometric")
 
 @dataclass(frozen=True)
 class Track:
-    """One way of getting the looped model: from scratch (a model shape) or continued
-    pretraining of a pretrained backbone."""
+    """One way of getting the looped model: from scratch (a model shape), or continued
+    pretraining of a pretrained backbone (a known one, or one of the model shape that the study
+    pretrains first for `pretrain_steps`, shared by every arm and seed)."""
 
     name: str
-    backbone: str | None = None  # None: from scratch, with `preset` and `model`
+    backbone: str | None = None  # a known backbone (smollm2-135m) or a run folder
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
     steps: int = 300
+    pretrain_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,21 +84,24 @@ class Recipe:
 
 TINY_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 176, "max_seq_len": 512}
 RECIPES = {
-    # Sized for the whole study (3 seeds, 8 arms each) within 15 minutes on 2 CPU cores. Short
-    # training never pushes the lowest gates down to the paper's tau of 1e-4 (after 300 steps
-    # the bottom-k mean sits near 1e-2), so this recipe halts at tau = 0.05 (docs/methods/
-    # ponder.md); the bench sweeps tau.
+    # Sized for the whole study (a small backbone pretrained once, then 3 seeds of 8 arms) within
+    # 15 minutes on 2 CPU cores. Every arm continues from the same pretrained backbone: trained
+    # from scratch for 300 steps, the looped models sat on the char-level plateau for a number of
+    # steps that varied with the seed, and that noise swamped every comparison. Short training
+    # never pushes the lowest gates down to the paper's tau of 1e-4 (after 300 steps the bottom-k
+    # mean sits near 1e-2), so this recipe halts at tau = 0.05 (docs/methods/ponder.md); the
+    # bench sweeps tau.
     "tiny": Recipe(
         "tiny-shakespeare", "char", 64, 16,
-        (Track("scratch", preset="tiny", model=TINY_MODEL, steps=300),),
-        ponder={"tau": 0.05, "ce_steps": 100, "k_warmup_steps": 100},
+        (Track("cpt", preset="tiny", model=TINY_MODEL, pretrain_steps=600, steps=300),),
+        ponder={"tau": 0.05, "ce_steps": 50, "k_warmup_steps": 100, "gates_only_steps": 50},
         sweep=((0.1, 0.2), (0.3, 0.3)),
-        optim={"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30},
+        optim={"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30},
         bench={"prefill_batch": 8, "prefill_len": 128, "decode_tokens": 48, "reps": 3}),
     "small": Recipe(
         "tiny-shakespeare", "char", 128, 16,
-        (Track("scratch", preset="tiny", steps=1500),),
-        ponder={"tau": 0.02, "ce_steps": 300, "k_warmup_steps": 300},
+        (Track("cpt", preset="tiny", pretrain_steps=2000, steps=1000),),
+        ponder={"tau": 0.02, "ce_steps": 200, "k_warmup_steps": 300, "gates_only_steps": 100},
         sweep=((0.1, 0.2), (0.3, 0.3)),
         optim={"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100},
         bench={"prefill_batch": 8, "prefill_len": 256, "decode_tokens": 128, "reps": 3}),
@@ -121,8 +126,8 @@ RECIPES = {
 
 
 # -- one run ------------------------------------------------------------------------------------
-def run_config(recipe: Recipe, track: Track, options: dict[str, Any], seed: int, steps: int,
-               device: str, threads: int) -> dict[str, Any]:
+def run_config(recipe: Recipe, track: Track, backbone: str | None, options: dict[str, Any],
+               seed: int, steps: int, device: str, threads: int) -> dict[str, Any]:
     """The nested config `adadepth ponder` would read from YAML for this run."""
     config: dict[str, Any] = {
         "method": "ponder", "ponder": {**recipe.ponder, **options},
@@ -133,11 +138,41 @@ def run_config(recipe: Recipe, track: Track, options: dict[str, Any], seed: int,
                   "device": device, "threads": threads, "eval_interval": steps,
                   "eval_batches": recipe.eval_batches, "log_interval": 10,
                   "ckpt_interval": max(50, steps // 4)}}
-    if track.backbone is not None:
-        config["backbone"] = track.backbone
+    if backbone is not None:
+        config["backbone"] = backbone
     else:
         config.update(preset=track.preset, model=track.model)
     return config
+
+
+def pretrained_backbone(recipe: Recipe, track: Track, out: Path, device: str,
+                        show_progress: bool) -> str | None:
+    """The track's backbone: a known one as named, or one the study pretrains once."""
+    if track.backbone is not None or not track.pretrain_steps:
+        return track.backbone
+    from adadepth.config import PretrainConfig, preset, validate
+    from adadepth.jobs.pretrain import pretrain
+
+    path = out / "backbone" / track.name
+    if not (path / "eval.json").is_file():
+        cfg = validate(PretrainConfig, {
+            "preset": track.preset, "model": {**preset(track.preset).model_dump(), **track.model},
+            "data": {"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
+                     "block_size": recipe.block_size, "max_docs": recipe.max_docs},
+            "optim": recipe.optim,
+            "train": {"steps": track.pretrain_steps, "batch_size": recipe.batch_size,
+                      "device": device, "eval_interval": track.pretrain_steps,
+                      "eval_batches": recipe.eval_batches,
+                      "ckpt_interval": track.pretrain_steps}})
+        result = pretrain(cfg, path, resume=True, show_progress=show_progress)
+        ck.write_json_atomic(path / "eval.json", {"val_loss": result.val_loss})
+    return str(path)
+
+
+def start_loss(out: Path, track: Track) -> float | None:
+    """Validation loss of the backbone the study pretrained for a track (None: none)."""
+    path = out / "backbone" / track.name / "eval.json"
+    return json.loads(path.read_text())["val_loss"] if path.is_file() else None
 
 
 def train_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -272,10 +307,12 @@ def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
     for track in recipe.tracks:
         n = steps or track.steps
         folder = out / "runs" / track.name
+        backbone = pretrained_backbone(recipe, track, out, device, show_progress)
 
-        def job(name: str, options: dict[str, Any], seed: int,
-                track: Track = track, n: int = n, folder: Path = folder) -> tuple[dict, Path]:
-            config = run_config(recipe, track, options, seed, n, device, threads)
+        def job(name: str, options: dict[str, Any], seed: int, track: Track = track,
+                n: int = n, folder: Path = folder,
+                backbone: str | None = backbone) -> tuple[dict, Path]:
+            config = run_config(recipe, track, backbone, options, seed, n, device, threads)
             return config, folder / f"{name}-seed{seed}"
 
         first = [job(a.name, a.options, s) for s in range(seeds) for a in arms]
@@ -308,7 +345,9 @@ def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
         benches[track.name] = json.loads((bench_dir / "bench.json").read_text())
     results = {"preset": preset_name, "seeds": seeds,
                "tracks": [{"name": t.name, "backbone": t.backbone, "preset": t.preset,
-                           "model": t.model, "steps": steps or t.steps} for t in recipe.tracks],
+                           "model": t.model, "steps": steps or t.steps,
+                           "pretrain_steps": t.pretrain_steps,
+                           "start_val_loss": start_loss(out, t)} for t in recipe.tracks],
                "recipe": {"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
                           "block_size": recipe.block_size, "batch_size": recipe.batch_size,
                           "ponder": recipe.ponder, "sweep": recipe.sweep,

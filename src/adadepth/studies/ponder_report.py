@@ -258,8 +258,12 @@ def write(results: dict[str, Any], out: Path) -> None:
         arms = by_arm(results["runs"], name)
         if not arms:
             continue
-        how = (f"continued pretraining of `{track['backbone']}`" if track["backbone"]
-               else f"from scratch, preset `{track['preset']}` with {track['model']}")
+        shape = f"preset `{track['preset']}` with {track['model']}"
+        how = (f"continued pretraining of `{track['backbone']}`" if track["backbone"] else
+               f"continued pretraining of a backbone ({shape}) pretrained here for "
+               f"{track['pretrain_steps']} steps (validation loss "
+               f"{track['start_val_loss']:.4f})" if track.get("pretrain_steps") else
+               f"from scratch, {shape}")
         vs_lines, vs = versus_ponderlm(arms)
         iso_lines, wins = iso_flops(arms)
         nll_lines, rhos = nll_tables(results["analysis"], name)
