@@ -145,7 +145,7 @@ def run_config(recipe: Recipe, track: Track, backbone: str | None, options: dict
     return config
 
 
-def pretrained_backbone(recipe: Recipe, track: Track, out: Path, device: str,
+def pretrained_backbone(recipe: Recipe, track: Track, out: Path, device: str, threads: int,
                         show_progress: bool) -> str | None:
     """The track's backbone: a known one as named, or one the study pretrains once."""
     if track.backbone is not None or not track.pretrain_steps:
@@ -161,7 +161,8 @@ def pretrained_backbone(recipe: Recipe, track: Track, out: Path, device: str,
                      "block_size": recipe.block_size, "max_docs": recipe.max_docs},
             "optim": recipe.optim,
             "train": {"steps": track.pretrain_steps, "batch_size": recipe.batch_size,
-                      "device": device, "eval_interval": track.pretrain_steps,
+                      "device": device, "threads": threads,
+                      "eval_interval": track.pretrain_steps,
                       "eval_batches": recipe.eval_batches,
                       "ckpt_interval": track.pretrain_steps}})
         result = pretrain(cfg, path, resume=True, show_progress=show_progress)
@@ -282,10 +283,8 @@ def bench_run(ada_dir: Path, recipe: Recipe, out: Path) -> dict[str, Any]:
 
 
 # -- the study -------------------------------------------------------------------------------------
-def default_workers(device: str) -> int:
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return 1
-    return max(1, min(2, os.cpu_count() or 1))
+def on_gpu(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
@@ -297,8 +296,10 @@ def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
         raise UserError(f"the ponder study has no recipe for preset {preset_name!r}; "
                         f"known: {', '.join(RECIPES)}")
     recipe = RECIPES[preset_name]
-    workers = workers or default_workers(device)
-    threads = 1 if workers > 1 else 0
+    # On a CPU the runs go two at a time, one thread each; on a GPU one at a time.
+    gpu = on_gpu(device)
+    workers = workers or (1 if gpu else max(1, min(2, os.cpu_count() or 1)))
+    threads = 0 if gpu else 1
     (out / "analysis").mkdir(parents=True, exist_ok=True)
     arms = arms_for(list(recipe.sweep))
     runs: list[dict[str, Any]] = []
@@ -307,7 +308,7 @@ def run_study(preset_name: str, seeds: int, out: Path, steps: int | None = None,
     for track in recipe.tracks:
         n = steps or track.steps
         folder = out / "runs" / track.name
-        backbone = pretrained_backbone(recipe, track, out, device, show_progress)
+        backbone = pretrained_backbone(recipe, track, out, device, threads, show_progress)
 
         def job(name: str, options: dict[str, Any], seed: int, track: Track = track,
                 n: int = n, folder: Path = folder,
