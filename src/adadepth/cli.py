@@ -160,7 +160,7 @@ def cmd_route(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in keys}))
 
 
-def cmd_fit(args: argparse.Namespace) -> None:
+def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
     from adadepth.jobs.fit import FitConfig, fit, fit_config
 
     defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
@@ -175,6 +175,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         flags["data"] = data
     if train:
         flags["train"] = train
+    if method_flags:  # a method's own command: its flags go to its section
+        flags[args.method] = method_flags
     cfg = fit_config(config_dict(args, base, flags))
     metrics = fit(cfg, Path(args.out), resume=args.resume)
     print(json.dumps(rounded({k: v for k, v in metrics.items()
@@ -186,8 +188,15 @@ TUNE_METHODS = ("ensemble", "lora", "ensemble+lora", "full")
 
 def cmd_tune(args: argparse.Namespace) -> None:
     """`adadepth fit` over a pretrained backbone with a tuning method (docs/methods/ensemble.md)."""
-    args.preset = args.tokenizer = args.parallel = None
+    args.preset = args.tokenizer = None
     cmd_fit(args)
+
+
+def cmd_ponder(args: argparse.Namespace) -> None:
+    """`adadepth ponder`: fit with the method fixed to ponder (AdaPonderLM)."""
+    args.method = "ponder"
+    cmd_fit(args, {k: v for k, v in (("passes", args.passes), ("halting", args.halting))
+                   if v is not None})
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -206,6 +215,28 @@ def cmd_study(args: argparse.Namespace) -> None:
     from adadepth.studies import run_study
 
     run_study(args)
+
+
+def fit_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `fit` and of the commands that are fit with the method fixed."""
+    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
+                   "or a known backbone such as smollm2-135m; omit to train from scratch")
+    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
+    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
+                   "tiny-shakespeare)")
+    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
+    run_arguments(p, "key=value, e.g. METHOD.option=... train.batch_size=8")
+
+
+def run_arguments(p: argparse.ArgumentParser, example: str) -> None:
+    """The options every training command shares."""
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
+    p.add_argument("overrides", nargs="*", help=example)
 
 
 def build_parser() -> Parser:
@@ -255,32 +286,13 @@ def build_parser() -> Parser:
     p.add_argument("--budget", type=float, help="full-path fraction in (0, 1]")
     p.add_argument("--aux", type=aux_list, help="comma list of util,rank,jepa, or none")
     p.add_argument("--oracle", choices=["off_policy", "on_policy"])
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
+    run_arguments(p, "key=value, e.g. routing.d_z=32")
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("fit", help="train any registered method, over a backbone or from "
                        "scratch")
     p.add_argument("--method", required=True, help="a registered method (see docs/methods.md)")
-    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
-                   "or a known backbone such as smollm2-135m; omit to train from scratch")
-    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
-    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
-                   "tiny-shakespeare)")
-    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. METHOD.option=... "
-                   "train.batch_size=8")
+    fit_arguments(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("tune", help="tune a pretrained backbone on new text: late-layer "
@@ -289,14 +301,16 @@ def build_parser() -> Parser:
                    "model directory, or a known backbone such as smollm2-135m")
     p.add_argument("--method", required=True, choices=TUNE_METHODS)
     p.add_argument("--corpus", help="the text to tune on (default: the backbone's corpus)")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. ensemble.layers=4 lora.r=16 "
-                   "optim.lr=1e-3")
+    run_arguments(p, "key=value, e.g. ensemble.layers=4 lora.r=16 optim.lr=1e-3")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("ponder", help="train AdaPonderLM (gated pondering, token-wise halting) "
+                       "over a backbone or from scratch")
+    p.add_argument("--passes", type=positive_int, help="K, passes of the backbone (default 4)")
+    p.add_argument("--halting", choices=["learned", "none", "uniform", "geometric"],
+                   help="learned gates (default), none (PonderLM), or a fixed schedule")
+    fit_arguments(p)
+    p.set_defaults(func=cmd_ponder)
 
     p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
     p.add_argument("run", help="the run folder of an adaptive method")
@@ -319,11 +333,11 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
     p.add_argument("name", nargs="?", default="aux-losses",
-                   help="aux-losses (default), ensemble or leaderboard")
+                   help="aux-losses (default), ensemble, leaderboard or ponder")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, help="steps per run (aux-losses: controller "
-                   "steps; ensemble: tuning steps)")
+    p.add_argument("--steps", type=positive_int, help="training steps per run (aux-losses: "
+                   "controller; ensemble: tuning; ponder: every arm)")
     p.add_argument("--ablations", action="store_true",
                    help="aux-losses: add A1, A4, 25%% budget, on-policy; ensemble: add "
                    "the ensemble arms without distillation")

@@ -12,6 +12,7 @@ from adadepth.depth import (  # noqa: F401
     ensemble,
     layerskip,
     mod,
+    ponder,
     routing,
     static_skip,
 )

@@ -37,8 +37,15 @@ def run_ensemble(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"runs": len(results["runs"])}
 
 
+def run_ponder(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ponder import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
 STUDIES = {"aux-losses": run_aux_losses, "ensemble": run_ensemble,
-           "leaderboard": run_leaderboard}
+           "leaderboard": run_leaderboard, "ponder": run_ponder}
 
 
 def run_study(args: argparse.Namespace) -> None:
