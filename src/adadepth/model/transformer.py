@@ -36,6 +36,10 @@ from adadepth.config import ModelConfig
 from adadepth.model.cache import Context, KVCache, attention_mask
 
 
+# The fused forward that also returns 1/rms (torch >= 2.8); older releases take F.rms_norm.
+_fused_rms_norm = getattr(torch, "_fused_rms_norm", None)
+
+
 class _RMSNormCPU(torch.autograd.Function):
     """RMSNorm with a hand-written backward, for float32 on the CPU.
 
@@ -47,7 +51,7 @@ class _RMSNormCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        y, rstd = _fused_rms_norm(x, [x.shape[-1]], weight, eps)
         ctx.save_for_backward(x, rstd, weight)
         return y
 
@@ -73,7 +77,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-                and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+                and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+                and _fused_rms_norm is not None):
             return _RMSNormCPU.apply(x, w, self.eps)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
@@ -96,51 +101,55 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class Rotation:
-    """RoPE tables laid out for `rotate` on (B, T, heads, hd) tensors, each (B or 1, T, 1, hd).
+    """RoPE tables laid out for `rotate` on (B, T, heads, hd) tensors.
 
-    With swap(x) = (x2, x1), the rotation is x * cos2 + swap(x) * sin_fwd, cos2 = (cos, cos) and
-    sin_fwd = (-sin, sin); its transpose (the backward pass) uses sin_bwd = (sin, -sin).
+    `cos2` is (cos, cos), (B or 1, T, 1, hd); `sin1` is sin, (B or 1, T, 1, hd/2); `cos` and `sin`
+    are the (B or 1, T, hd/2) tables they were built from.
     """
 
     cos: Tensor
-    sin: Tensor  # the (B or 1, T, hd/2) tables these were built from
+    sin: Tensor
     cos2: Tensor
-    sin_fwd: Tensor
-    sin_bwd: Tensor
+    sin1: Tensor
 
     @classmethod
     def of(cls, cos: Tensor, sin: Tensor) -> Rotation:
-        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-        return cls(cos, sin, torch.cat((c, c), -1), torch.cat((-s, s), -1), torch.cat((s, -s), -1))
+        c = cos.unsqueeze(2)
+        return cls(cos, sin, torch.cat((c, c), -1), sin.unsqueeze(2))
 
 
-def _swap_halves(x: Tensor) -> Tensor:
+def _rotated(x: Tensor, rot: Rotation, sign: float) -> Tensor:
+    """(x1, x2) -> (x1 cos - s x2 sin, x2 cos + s x1 sin) in float32, s = sign (-1: the
+    transpose, for the backward pass). Each half is updated in place from the other half of x:
+    no swapped copy of x is built (on a strided slice of the q/k/v output, such a copy cost
+    several times the whole rotation)."""
+    xf = x.float()
     half = x.shape[-1] // 2
-    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    out = xf * rot.cos2
+    out[..., :half].addcmul_(xf[..., half:], rot.sin1, value=-sign)
+    out[..., half:].addcmul_(xf[..., :half], rot.sin1, value=sign)
+    return out
 
 
 class _Rotate(torch.autograd.Function):
-    """x * cos2 + swap(x) * sin_fwd: three kernels each way, where autograd through
+    """RoPE with its transpose as the backward: three kernels each way, where autograd through
     `apply_rope`'s chunk/mul/cat form runs about a dozen."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, rot: Rotation) -> Tensor:
         ctx.rot, ctx.dtype = rot, x.dtype
-        xf = x.float()
-        return torch.addcmul(xf * rot.cos2, _swap_halves(xf), rot.sin_fwd).to(x.dtype)
+        return _rotated(x, rot, 1.0).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        rot, g = ctx.rot, grad.float()
-        return torch.addcmul(g * rot.cos2, _swap_halves(g), rot.sin_bwd).to(ctx.dtype), None
+        return _rotated(grad, ctx.rot, -1.0).to(ctx.dtype), None
 
 
 def rotate(x: Tensor, rot: Rotation) -> Tensor:
     """RoPE on x: (B, T, heads, hd), the same rotation as `apply_rope` (which is (B, H, T, hd))."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotate.apply(x, rot)
-    xf = x.float()
-    return torch.addcmul(xf * rot.cos2, _swap_halves(xf), rot.sin_fwd).to(x.dtype)
+    return _rotated(x, rot, 1.0).to(x.dtype)
 
 
 def rotation(ctx: Context, cos: Tensor, sin: Tensor) -> Rotation:
@@ -184,9 +193,10 @@ class Attention(nn.Module):
             # One matmul for q, k and v, and one rotation for q and k together: at small widths
             # a step is dominated by the number of kernels, not by their FLOPs.
             w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, hd)
-            qk = rotate(qkv[:, :, :H + Hkv], rot)
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+            # split, not slicing: its backward is one concatenation, where each slice's
+            # backward fills a zero tensor of the whole size and the pieces are then added.
+            qk, v = F.linear(x, w).view(B, T, H + 2 * Hkv, hd).split((H + Hkv, Hkv), dim=2)
+            q, k = rotate(qk, rot).split((H, Hkv), dim=2)
         else:
             q = rotate(self.q_proj(x).view(B, T, H, hd), rot)
             k = rotate(self.k_proj(x).view(B, T, Hkv, hd), rot)
