@@ -12,7 +12,7 @@
 3. one controller training step at budget 0.5 (batch 8 x 256): dense mixture with the
    straight-through estimator against sparse dispatch with the ratio estimator, interleaved,
    median over --reps rounds (bench_training.json).
-Prints the targets of DESIGN.md section 5 and whether each was met.
+Prints the speed targets (benchmarks/README.md) and whether each was met.
 """
 
 from __future__ import annotations

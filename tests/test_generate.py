@@ -85,3 +85,20 @@ def test_speculative_sampling_keeps_tokens_in_range_and_lengths() -> None:
                    generator=torch.Generator().manual_seed(3))
     assert out.shape == (2, 29) and torch.equal(out[:, :4], prompt)
     assert int(out.min()) >= 0 and int(out.max()) < V
+
+
+def test_speculative_tells_the_speculator_what_each_round_kept() -> None:
+    """`observe(accepted, active)` after every round: drafts kept per row, rows still going."""
+    base = model()
+    prompt = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(1))
+    drafter = ModelDrafter(base, spoil=[1])
+    seen: list[tuple[list[int], list[bool]]] = []
+    drafter.observe = lambda accepted, active: seen.append((accepted.tolist(), active.tolist()))
+    generate(drafter, prompt, 12, temperature=0.0)
+    assert len(seen) == drafter.rounds
+    first_accepted, first_active = seen[0]
+    assert first_active == [True, True, True]
+    assert first_accepted[0] == first_accepted[2] == 3  # unspoiled rows keep every draft
+    # rows 0 and 2 finish early; they are then inactive and keep nothing
+    assert any(active == [False, True, False] and accepted[0] == accepted[2] == 0
+               for accepted, active in seen)

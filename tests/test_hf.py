@@ -231,6 +231,13 @@ def test_cli_eval_and_route_on_a_transformers_directory(llama_dir: Path, tmp_pat
                  "train.batch_size=2", "train.eval_batches=1", "data={block_size: 32}"]) == 0
     assert main(["eval", str(out), "--batches", "1"]) == 0
     assert json.loads((out / "eval.json").read_text())["kind"] == "routed"
+    # A routed transformers model benches like ours: the bench re-prefills a cache per round
+    # (an append-only cache stopped this with "the cache holds 160 positions").
+    assert main(["bench", str(out), "--settings", "1,0.5", "--prefill-batch", "2",
+                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "6",
+                 "--reps", "1", "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["tokens_per_s_method"] > 0 for r in rows)
 
 
 # -- lm-eval ------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ LAYERS = [
     ["adadepth.train"],
     ["adadepth.hf.adapters", "adadepth.hf.backbones"],
     ["adadepth.runs", "adadepth.hf.pretrained", "adadepth.hf"],
-    ["adadepth.jobs", "adadepth.eval", "adadepth.bench", "adadepth.hf.harness"],
+    ["adadepth.jobs", "adadepth.eval", "adadepth.bench", "adadepth.hf.harness",
+     "adadepth.depthmap"],
     ["adadepth.studies"],
     ["adadepth.cli", "adadepth.__main__", "adadepth"],
 ]
@@ -58,6 +59,13 @@ def resolve(name: str) -> str:
     if candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file():
         return name
     return name.rsplit(".", 1)[0]
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new top-level module must be placed in LAYERS, not fall under the package itself."""
+    top = [module_name(p) for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    unplaced = [m for m in top if layer_of(m) == layer_of("adadepth") and m != "adadepth.cli"]
+    assert not unplaced, unplaced
 
 
 def test_no_module_imports_a_higher_layer() -> None:

@@ -78,3 +78,23 @@ def test_reference_loss_follows_train_amp(tiny_backbone: Path, tmp_path: Path,
     monkeypatch.setattr(loop, "autocast", spy)
     assert route(tiny_backbone, tmp_path / "run", "train.amp=false") == 0
     assert seen and not any(seen)
+
+
+def test_generate_shows_where_the_compute_went(tiny_backbone: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """--show-depth prints each token's full-path layer count beneath it when colour is off
+    (2 controlled layers: 0, 1 or 2), with a legend; the counts are the ones the routed forward
+    recorded, so they average to the realised full fraction printed beside them."""
+    out = tmp_path / "run"
+    assert route(tiny_backbone, out) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--show-depth", "--no-color", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    text, marks, legend = captured.out.split("\n---")[0].split("\n")[-3:]
+    assert text.startswith("ROMEO:") and "full path" in legend
+    counts = [int(c) for c in marks.replace(" ", "")]
+    assert len(counts) == 6 + 30 - 1 and set(counts) <= {0, 1, 2}  # the last token never fed
+    compute = json.loads(captured.err.split("compute: ")[1])
+    assert sum(counts) / (2 * len(counts)) == pytest.approx(compute["full_fraction"], abs=1e-4)
+    assert main(["generate", str(tiny_backbone), "--prompt", "A", "--show-depth"]) == 2

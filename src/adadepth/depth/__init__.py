@@ -6,7 +6,16 @@ code that serves all methods (run folders, `from_pretrained`, `bench`) never nam
 
 from __future__ import annotations
 
-from adadepth.depth import routing  # noqa: F401  (registers the method)
+# Importing a method's module registers it (ensemble also registers ensemble+lora, lora, full).
+from adadepth.depth import (  # noqa: F401
+    calm,
+    ensemble,
+    layerskip,
+    mod,
+    ponder,
+    routing,
+    static_skip,
+)
 from adadepth.depth.method import Method, MethodSpec
 from adadepth.depth.registry import lookup, names
 from adadepth.errors import UserError

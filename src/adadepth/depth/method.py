@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from adadepth.model import KVCache, Output
+from adadepth.model import KVCache, Output, causal_lm_loss
 from adadepth.model.state import unique_state
 
 
@@ -68,6 +69,7 @@ class Method(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.trains_backbone = False  # set by set_trainable, or by loading backbone weights
 
     @property
     def cfg(self) -> Any:
@@ -96,7 +98,7 @@ class Method(nn.Module):
 
     def backbone_trained(self) -> bool:
         """True when training changed the backbone's weights, so they are saved too."""
-        return False
+        return self.trains_backbone
 
     @contextlib.contextmanager
     def original_backbone(self) -> Iterator[nn.Module]:
@@ -129,9 +131,59 @@ class Method(nn.Module):
                 missing, unexpected = module.load_state_dict(backbone, strict=False)
             if unexpected:
                 raise ValueError(f"backbone weights that fit no module: {unexpected[:3]}")
+            self.trains_backbone = True
+
+    def save_files(self, folder: Path) -> list[str]:
+        """Write what the method keeps in another library's own format into `folder` (LoRA
+        adapters in peft's), for `save_pretrained`; returns the `method_state` key prefixes those
+        files hold, which controller.safetensors then leaves out."""
+        return []
+
+    def load_files(self, folder: Path) -> None:
+        """Read back what `save_files` wrote into `folder`."""
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- training (`adadepth fit` and the commands built on it) ---------------------------------
+    def begin_training(self, total_steps: int) -> None:
+        """Told the planned length of training before it starts (for curricula over steps)."""
+
+    def set_trainable(self, from_scratch: bool) -> None:
+        """Which weights train: everything when the backbone is new, else by default only what
+        the method added, on a frozen backbone."""
+        self.trains_backbone = from_scratch
+        self.requires_grad_(from_scratch)
+        for module in self.method_modules().values():
+            module.requires_grad_(True)
+
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss one training step minimises, and figures to log; by default the LM loss
+        of the method's own training-mode forward."""
+        loss = causal_lm_loss(self(x).logits, y)
+        return loss, {"lm_loss": loss.item()}
+
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per token of one training step, for utilisation and the training-cost figures.
+        The default charges the dense forward plus a backward of twice that when the backbone
+        trains, once that when it is frozen (gradients cross it, inputs only); methods whose
+        steps cost otherwise say so."""
+        forward = self.reference_flops_per_token((seq_len + 1) / 2)
+        return forward * (3 if self.backbone_trained() else 2)
+
+    def held_back(self, step: int) -> set[str]:
+        """Names of parameters that take no optimizer step at `step` (staged training)."""
+        return set()
+
+    @property
+    def may_skip_parameters(self) -> bool:
+        """True when a trainable parameter may get no gradient in a step (DDP must know)."""
+        return False
+
+    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+        """Calibrate what deployment needs on held-out windows (`calibration`), measure on
+        others (`held_out`); returns figures for the run's metrics.json."""
+        return {}
 
     # -- evaluation -----------------------------------------------------------------------------
     def eval_report(self, data: Any, block_size: int, batch_size: int,
@@ -144,6 +196,10 @@ class Method(nn.Module):
         """Prepare the setting `value` of the knob now (calibrating on held-out windows if the
         method needs to); the returned call switches the model to it, cheaply and repeatably."""
         raise NotImplementedError(f"method {self.name!r} has no cost knob")
+
+    def current_knob_value(self) -> float | None:
+        """The knob's present value (for a run benched at the setting it was left in)."""
+        return None
 
     def current_setting(self) -> Callable[[], None]:
         """A call that puts the present knob setting back (bench restores it when done)."""
@@ -164,6 +220,10 @@ class Method(nn.Module):
         raise NotImplementedError(f"method {self.name!r} does not record its costs")
         yield
 
+    def most_token_depth(self) -> float:
+        """The largest `token_depth` one token can receive (the top of the colour scale)."""
+        return float(self.backbone.n_layers)
+
     def token_depth(self) -> Tensor | None:
         """Per token of the last forward call, (B, T): the compute it received, in
         `depth_unit` (full-path layers, passes, layers run before exiting, ...); None when the
@@ -182,4 +242,5 @@ class MethodSpec:
     build: Callable[[nn.Module, Any], Method]  # (backbone, config) -> model
     kind: str  # what run folders of this method say in config.json
     summary: str = ""
+    command: str | None = None  # the command that trains it, when not the generic `fit`
 

@@ -173,6 +173,16 @@ class ThresholdController:
         return torch.tensor(out, dtype=torch.bool, device=scores.device), surplus
 
 
+def quantile_threshold(scores: Tensor, budget: float) -> tuple[float, float]:
+    """The causal threshold that lets a fraction `budget` of held-out scores pass (their
+    (1-b) quantile), and the scores' spread for a `ThresholdController` (a robust std: the
+    interquartile range / 1.349)."""
+    scores = scores.float().flatten().cpu()
+    threshold = torch.quantile(scores, 1 - budget).item()
+    q75, q25 = torch.quantile(scores, torch.tensor([0.75, 0.25])).tolist()
+    return threshold, max(q75 - q25, 1e-6) / 1.349
+
+
 def ratio_weight(score: Tensor, mask: Tensor) -> Tensor:
     """sigma(s)/sg(sigma(s)) on full tokens, (1-sigma(s))/sg(1-sigma(s)) on cheap ones.
 
@@ -476,10 +486,9 @@ class RoutedModel(Method):
                     r.decision, r.collected = "calibrate", []
                     for h, ctx in states:
                         bb.run_layer(i, h, ctx)
-                    scores = torch.cat(r.collected)
-                    r.threshold.fill_(torch.quantile(scores, 1 - r.budget).item())
-                    q75, q25 = torch.quantile(scores, torch.tensor([0.75, 0.25])).tolist()
-                    r.spread.fill_(max(q75 - q25, 1e-6) / 1.349)  # a robust std
+                    threshold, spread = quantile_threshold(torch.cat(r.collected), r.budget)
+                    r.threshold.fill_(threshold)
+                    r.spread.fill_(spread)
                     r.decision, r.collected = "auto", None
                 elif r is not None:  # every token takes one path: any score passes
                     r.threshold.fill_(float("-inf") if r.uniform_decision() else float("inf"))
@@ -499,6 +508,9 @@ class RoutedModel(Method):
                 run_layers(self.backbone, x.to(device))
         return m.summary()["full_fraction_per_layer"]
 
+    def most_token_depth(self) -> float:
+        return float(len(self.routers))
+
     def token_depth(self) -> Tensor | None:
         records = [r.record for r in self.routers]
         if any(rec is None for rec in records):
@@ -510,19 +522,25 @@ class RoutedModel(Method):
         return [r.record.mask.float().mean().item() for r in self.routers]
 
     def inference_flops_per_token(self, context: float, fractions: list[float],
-                                  budget: float | None = None) -> float:
-        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes),
-        under causal routing at `budget` (default: each layer's own)."""
+                                  budget: float | None = None,
+                                  gates_run: list[float] | None = None) -> float:
+        """Forward FLOPs per token at the given full fractions (what sparse dispatch executes).
+        `gates_run` is the fraction of tokens whose gate (and predictor) ran at each layer, as
+        recorded; without it, the gate runs wherever a score can matter: under causal routing
+        at `budget` (default: each layer's own) below 1, with a gate that is not constant."""
         dense = fl.forward_per_token(self.cfg, context)
         per_layer_ffn = dense["ffn"] / self.cfg.n_layers
         total = sum(dense.values())
-        for r, f in zip(self.routers, fractions, strict=True):
+        for j, (r, f) in enumerate(zip(self.routers, fractions, strict=True)):
             total += (f - 1) * per_layer_ffn + (1 - f) * fl.module_flops(r.cheap)
-            if r.gate.fixed is None and (r.budget if budget is None else budget) < 1:
-                # at budget 1 (or with a constant gate) no score is needed: the gate is not run
-                total += fl.module_flops(r.gate)
-                if r.predictor is not None:
-                    total += fl.module_flops(r.predictor)
+            if gates_run is not None:
+                ran = gates_run[j]
+            else:
+                ran = float(r.gate.fixed is None and (r.budget if budget is None else budget) < 1)
+            gate = fl.module_flops(r.gate)
+            if r.predictor is not None:
+                gate += fl.module_flops(r.predictor)
+            total += ran * gate
         return total
 
     @torch.no_grad()
@@ -549,6 +567,9 @@ class RoutedModel(Method):
                 r.spread.fill_(s)
         return apply
 
+    def current_knob_value(self) -> float | None:
+        return self.routers[0].budget
+
     def current_setting(self) -> Callable[[], None]:
         return self._setting(self.routers[0].budget, [r.threshold.item() for r in self.routers],
                              [r.spread.item() for r in self.routers])
@@ -568,13 +589,17 @@ class RoutedModel(Method):
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
-        """Full fraction per controlled layer over every routed forward in the block."""
-        totals = torch.zeros(len(self.routers), dtype=torch.float64)
+        """Full fraction per controlled layer, and how often each gate ran, over every routed
+        forward in the block."""
+        full = torch.zeros(len(self.routers), dtype=torch.float64)
+        gated = torch.zeros(len(self.routers), dtype=torch.float64)
         count = [0]
 
         def hook(j: int) -> Callable[..., None]:
             def record(module: RoutedFFN, _args: Any, _out: Any) -> None:
-                totals[j] += module.record.mask.sum().item()
+                full[j] += module.record.mask.sum().item()
+                if module.record.score is not None:  # the gate ran on these tokens
+                    gated[j] += module.record.mask.numel()
                 if j == 0:
                     count[0] += module.record.mask.numel()
             return record
@@ -582,14 +607,15 @@ class RoutedModel(Method):
         hooks = [r.register_forward_hook(hook(j)) for j, r in enumerate(self.routers)]
         budget = self.routers[0].budget  # the setting measured, whatever is set later
 
-        def fractions() -> list[float]:
+        def fractions(totals: torch.Tensor) -> list[float]:
             return (totals / max(count[0], 1)).tolist()
 
         try:
             yield Measurement(
-                lambda context: self.inference_flops_per_token(context, fractions(), budget),
-                lambda: {"full_fraction": sum(fractions()) / len(self.routers),
-                         "full_fraction_per_layer": fractions(),
+                lambda context: self.inference_flops_per_token(
+                    context, fractions(full), gates_run=fractions(gated)),
+                lambda: {"full_fraction": sum(fractions(full)) / len(self.routers),
+                         "full_fraction_per_layer": fractions(full),
                          "budget": budget, "tokens": count[0]})
         finally:
             for h in hooks:
@@ -598,4 +624,5 @@ class RoutedModel(Method):
 
 register("method", "routing")(MethodSpec(
     name="routing", config=RoutingConfig, build=RoutedModel, kind="routed",
-    summary="conditional depth routing: per token, full or cheap FFN at controlled layers"))
+    summary="conditional depth routing: per token, full or cheap FFN at controlled layers",
+    command="route"))

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,24 @@ def save_pretrained(model: nn.Module, directory: str | Path,
     if must and not store:
         raise UserError("this backbone has no directory to refer to (or training changed it): "
                         "save with store_backbone=True")
-    meta = {"format": FORMAT, "method": method, "config": config,
-            "model_type": adapter.cfg.model_type,
-            "backbone": {"ref": None if store else adapter.source, "stored": store,
-                         "sha256": adapter.checksum()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         if isinstance(model, Method):  # the backbone's own weights go to backbone/ if at all
-            state = {k: v for k, v in model.method_state().items()
-                     if not k.startswith("backbone.")}
+            own = ("backbone.", *model.save_files(tmp))  # e.g. LoRA adapters in peft's format
+            state = {k: v for k, v in model.method_state().items() if not k.startswith(own)}
             save_file(state, str(tmp / CONTROLLER))
-        if store:
-            with adapter.original_ffns():
-                adapter.hf.save_pretrained(str(tmp / STORED))
-            if adapter.tokenizer is not None:
-                adapter.tokenizer.save_pretrained(str(tmp / STORED))
+        # The backbone as loaded, without what the method installed in it (LoRA layers).
+        with model.original_backbone() if isinstance(model, Method) else nullcontext():
+            meta = {"format": FORMAT, "method": method, "config": config,
+                    "model_type": adapter.cfg.model_type,
+                    "backbone": {"ref": None if store else adapter.source, "stored": store,
+                                 "sha256": adapter.checksum()}}
+            if store:
+                with adapter.original_ffns():
+                    adapter.hf.save_pretrained(str(tmp / STORED))
+                if adapter.tokenizer is not None:
+                    adapter.tokenizer.save_pretrained(str(tmp / STORED))
         (tmp / SAVED).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if out.exists():
@@ -141,5 +144,6 @@ def load_saved(directory: Path, device: str = "cpu") -> nn.Module:
     if isinstance(model, Method):
         if not weights.is_file():
             raise UserError(f"{directory} lacks {CONTROLLER}")
+        model.load_files(directory)
         model.load_method_state(load_file(str(weights)))
     return model.to(device).eval()

@@ -18,6 +18,7 @@ from adadepth.config import DataConfig, OptimConfig, Strict, TrainConfig, dump_y
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth.oracle import oracle_utilities, rank_loss, util_loss
 from adadepth.depth.routing import RoutedModel, RoutingConfig
+from adadepth.jobs.fit import heldout_halves
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
@@ -174,19 +175,6 @@ class RoutingObjective(nn.Module):
         self.model.load_method_state(tensors)
 
 
-def validation_halves(data, block: int, count: int) -> tuple[Tensor, Tensor]:
-    """Disjoint held-out windows for the causal thresholds: even and odd validation windows.
-
-    Thresholds are calibrated on the even windows and their full fraction is measured on the
-    odd ones: different text from the same distribution.
-    """
-    val = data.split("val")
-    n = (len(val) - 1) // block
-    windows = torch.from_numpy(val[: n * block].astype("int64")).view(n, block)
-    even, odd = windows[0::2][:count], windows[1::2][:count]
-    return even, (odd if len(odd) else even)
-
-
 def prediction_variance(model: RoutedModel) -> float | None:
     """Across-token variance of G3's latent predictions in the last forward: ~0 means collapse."""
     values = [r.record.predictions.float().flatten(0, -3).var(0).mean().item()
@@ -262,7 +250,7 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
     result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
                    desc=f"route {cfg.routing.gate} b={cfg.routing.budget}",
                    show_progress=show_progress)
-    calibration, held_out = validation_halves(data, block, cfg.routing.calibration_windows)
+    calibration, held_out = heldout_halves(data, block, cfg.routing.calibration_windows)
     model.calibrate([calibration.to(device)])
     collapse = prediction_variance(model)
     model.eval()
@@ -292,6 +280,9 @@ def route(cfg: RouteConfig, out: Path, resume: bool = False,
         "flops_ratio_inference": model.inference_flops_per_token(ctx, fractions)
         / model.reference_flops_per_token(ctx),
         "wall_s": result.wall_s,
+        "training_flops": sum(row["flops"] for row in result.history),
+        "trainable_parameters": sum(p.numel() for p in model.controller_parameters())
+        if cfg.routing.regime == "controller-only" else model.trainable_parameters(),
         "lambda_jepa": cfg.routing.lambda_jepa,
         "prediction_variance": collapse,
     }

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,37 @@ from torch import Tensor, nn
 
 from adadepth.config import ModelConfig
 from adadepth.model.cache import Context, KVCache, attention_mask
+
+# The fused forward that also returns 1/rms (torch >= 2.8); older releases take F.rms_norm.
+_fused_rms_norm = getattr(torch, "_fused_rms_norm", None)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with a hand-written backward, for float32 on the CPU.
+
+    On the CPU `F.rms_norm` has a fused forward but autograd differentiates its composite
+    definition, about twenty elementwise kernels per norm in the backward pass; at the `tiny`
+    width that was a visible share of a training step. Same math: y = x * rstd * w with
+    rstd = 1 / sqrt(mean(x^2) + eps), so dx = rstd * (g*w - xhat * mean(g*w * xhat)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        y, rstd = _fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x * rstd
+        grad_w = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight
+            mean = torch.linalg.vecdot(g, xhat).unsqueeze(-1).div_(x.shape[-1])
+            grad_x = torch.addcmul(g, xhat, mean, value=-1).mul_(rstd)
+        return grad_x, grad_w, None
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +74,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+                and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+                and _fused_rms_norm is not None):
+            return _RMSNormCPU.apply(x, w, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tensor]:
@@ -52,10 +89,82 @@ def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tenso
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate halves (the Llama convention). x: (B, H, T, hd); cos/sin: (B or 1, T, hd/2)."""
+    """Rotate halves (the Llama convention). x: (B, H, T, hd); cos/sin: (B or 1, T, hd/2).
+
+    The reference form; the blocks run the same rotation through `rotate`, in fewer kernels.
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+@dataclass
+class Rotation:
+    """RoPE tables laid out for `rotate` on (B, T, heads, hd) tensors.
+
+    `cos2` is (cos, cos), (B or 1, T, 1, hd); `sin1` is sin, (B or 1, T, 1, hd/2); `cos` and `sin`
+    are the (B or 1, T, hd/2) tables they were built from.
+    """
+
+    cos: Tensor
+    sin: Tensor
+    cos2: Tensor
+    sin1: Tensor
+
+    @classmethod
+    def of(cls, cos: Tensor, sin: Tensor) -> Rotation:
+        c = cos.unsqueeze(2)
+        return cls(cos, sin, torch.cat((c, c), -1), sin.unsqueeze(2))
+
+
+def _rotated(x: Tensor, rot: Rotation, sign: float) -> Tensor:
+    """(x1, x2) -> (x1 cos - s x2 sin, x2 cos + s x1 sin) in float32, s = sign (-1: the
+    transpose, for the backward pass). Each half is updated in place from the other half of x:
+    no swapped copy of x is built (on a strided slice of the q/k/v output, such a copy cost
+    several times the whole rotation)."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    out = xf * rot.cos2
+    out[..., :half].addcmul_(xf[..., half:], rot.sin1, value=-sign)
+    out[..., half:].addcmul_(xf[..., :half], rot.sin1, value=sign)
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE with its transpose as the backward: three kernels each way, where autograd through
+    `apply_rope`'s chunk/mul/cat form runs about a dozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rot: Rotation) -> Tensor:
+        ctx.rot, ctx.dtype = rot, x.dtype
+        return _rotated(x, rot, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _rotated(grad, ctx.rot, -1.0).to(ctx.dtype), None
+
+
+def rotate(x: Tensor, rot: Rotation) -> Tensor:
+    """RoPE on x: (B, T, heads, hd), the same rotation as `apply_rope` (which is (B, H, T, hd))."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotate.apply(x, rot)
+    return _rotated(x, rot, 1.0).to(x.dtype)
+
+
+def rotation(ctx: Context, cos: Tensor, sin: Tensor) -> Rotation:
+    """The call's `Rotation`, built once and shared by its layers (the memo lives with ctx)."""
+    rot = ctx.memo.get("rotation")
+    if rot is None or rot.cos is not cos or rot.sin is not sin:
+        rot = ctx.memo["rotation"] = Rotation.of(cos, sin)
+    return rot
+
+
+def _bare(*layers: nn.Module) -> bool:
+    """True when these are plain bias-free `nn.Linear`s with no hooks, so one matmul over their
+    stacked weights computes exactly what calling each would (a subclass, an adapter or a hook
+    must still be called)."""
+    return all(type(m) is nn.Linear and m.bias is None and not m._forward_hooks
+               and not m._forward_pre_hooks for m in layers)
 
 
 class Attention(nn.Module):
@@ -67,17 +176,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor,
+                    ctx: Context | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        rot = rotation(ctx, cos, sin) if ctx is not None else Rotation.of(cos, sin)
+        k = rotate(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), rot)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k, v = self.keys_values(x, cos, sin)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        rot = rotation(ctx, cos, sin)
+        if _bare(self.q_proj, self.k_proj, self.v_proj):
+            # One matmul for q, k and v, and one rotation for q and k together: at small widths
+            # a step is dominated by the number of kernels, not by their FLOPs.
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            # split, not slicing: its backward is one concatenation, where each slice's
+            # backward fills a zero tensor of the whole size and the pieces are then added.
+            qk, v = F.linear(x, w).view(B, T, H + 2 * Hkv, hd).split((H + Hkv, Hkv), dim=2)
+            q, k = rotate(qk, rot).split((H, Hkv), dim=2)
+        else:
+            q = rotate(self.q_proj(x).view(B, T, H, hd), rot)
+            k = rotate(self.k_proj(x).view(B, T, Hkv, hd), rot)
+            v = self.v_proj(x).view(B, T, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         n, slot = T, ctx.kv_offset + layer
         if ctx.cache is not None:
             n = ctx.cache.mark(slot, ctx)
@@ -99,7 +222,12 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if _bare(self.gate_proj, self.up_proj):  # one matmul for both (see Attention.forward)
+            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))
+                                ).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -208,7 +336,7 @@ class Transformer(nn.Module):
         if ctx.cache is None:
             raise ValueError("write_kv needs a cache to write to")
         block = self.blocks[layer]
-        k, v = block.attn.keys_values(block.attn_norm(x), *self.rope(ctx))
+        k, v = block.attn.keys_values(block.attn_norm(x), *self.rope(ctx), ctx)
         ctx.cache.mark(ctx.kv_offset + layer, ctx)
         ctx.cache.store(ctx.kv_offset + layer, k, v, ctx)
 

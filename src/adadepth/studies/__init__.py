@@ -5,30 +5,60 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from adadepth.errors import UserError
 
-STUDIES = ("aux-losses",)
+
+def run_aux_losses(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.aux_losses import rewrite_report, run_study
+    from adadepth.studies.recipes import recipe_for
+    from adadepth.studies.scales import other_scales, read_results
+
+    if args.report_only:
+        preset = read_results(out)["preset"]
+        results = rewrite_report(out, other_scales(preset, args.compare))
+    else:
+        recipe_for(args.preset)  # an unknown preset is refused before anything is read
+        results = run_study(args.preset, args.seeds, out, ablations=args.ablations,
+                            steps=args.steps, device=args.device, corpus=args.corpus,
+                            other_scales=other_scales(args.preset, args.compare))
+    return {"runs": len(results["runs"])}
+
+
+def run_leaderboard(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.bench import parse_list
+    from adadepth.studies.leaderboard import run_study
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    budgets = parse_list(args.budgets, float, "budgets") if args.budgets else None
+    results = run_study(args.preset, args.seeds, out, methods=methods, budgets=budgets,
+                        device=args.device)
+    return {"rows": len(results["rows"])}
+
+
+def run_ensemble(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ensemble import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device,
+                        ablations=args.ablations)
+    return {"runs": len(results["runs"])}
+
+
+def run_ponder(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from adadepth.studies.ponder import run_study
+
+    results = run_study(args.preset, args.seeds, out, steps=args.steps, device=args.device)
+    return {"runs": len(results["runs"])}
+
+
+STUDIES = {"aux-losses": run_aux_losses, "ensemble": run_ensemble,
+           "leaderboard": run_leaderboard, "ponder": run_ponder}
 
 
 def run_study(args: argparse.Namespace) -> None:
     if args.name not in STUDIES:
         raise UserError(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}")
-    from adadepth.studies.aux_losses import rewrite_report
-    from adadepth.studies.aux_losses import run_study as aux_losses
-    from adadepth.studies.recipes import recipe_for
-    from adadepth.studies.scales import other_scales
-
-    out = Path(args.out)
-    if args.report_only:
-        from adadepth.studies.scales import read_results
-
-        preset = read_results(out)["preset"]
-        results = rewrite_report(out, other_scales(preset, args.compare))
-    else:
-        recipe_for(args.preset)  # an unknown preset is refused before anything is read
-        results = aux_losses(args.preset, args.seeds, out, ablations=args.ablations,
-                             steps=args.steps, device=args.device, corpus=args.corpus,
-                             other_scales=other_scales(args.preset, args.compare))
-    print(json.dumps({"out": args.out, "runs": len(results["runs"]),
-                      "report": str(out / "report.md")}))
+    out = Path(args.out or f"runs/study-{args.name}")
+    summary = STUDIES[args.name](args, out)
+    print(json.dumps({"out": str(out), **summary, "report": str(out / "report.md")}))

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from adadepth.config import PretrainConfig, preset
+from adadepth.config import ModelConfig, PretrainConfig, preset
 from adadepth.data import load_corpus
 from adadepth.jobs.pretrain import pretrain
 from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
+from adadepth.studies.plan import run_plan
 from adadepth.studies.recipes import Recipe, check_recipe, recipe_for, write_recipe
 from adadepth.studies.scales import read_results
 from adadepth.train import checkpoint as ck
@@ -62,9 +62,10 @@ ABLATIONS = [
 
 
 
-def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
-                 show_progress: bool) -> Path:
-    """Pretrain the study's backbone once (resumable); a packaged one is converted instead."""
+def backbone_dir(out: Path, recipe: Any, preset_name: str, device: str,
+                 show_progress: bool, model: ModelConfig | None = None) -> Path:
+    """Pretrain the study's backbone once (resumable), of the preset's shape unless `model` is
+    given; a packaged one is converted instead."""
     if recipe.backbone is not None:
         from adadepth.hf import ensure_backbone
 
@@ -73,9 +74,9 @@ def backbone_dir(out: Path, recipe: Recipe, preset_name: str, device: str,
     if not (path / "eval.json").is_file():
         data = {"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
                 "block_size": recipe.block_size}
-        if recipe.max_docs is not None:
+        if getattr(recipe, "max_docs", None) is not None:  # other studies' recipes have none
             data["max_docs"] = recipe.max_docs
-        cfg = PretrainConfig(preset=preset_name, model=preset(preset_name), data=data,
+        cfg = PretrainConfig(preset=preset_name, model=model or preset(preset_name), data=data,
                              train={"steps": recipe.backbone_steps, "device": device,
                                     "batch_size": recipe.batch_size, "eval_interval": 10**9,
                                     "ckpt_interval": max(50, recipe.backbone_steps // 5)})
@@ -140,18 +141,13 @@ def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bb = backbone_dir(out, recipe, preset_name, device, show_progress)
     plan = [(arm, seed) for seed in range(seeds) for arm in arms_of(ablations)]
-    runs: list[dict[str, Any]] = []
-    bar = tqdm(plan, desc="aux-loss study", disable=not show_progress, dynamic_ncols=True)
-    for arm, seed in bar:
-        run_dir = out / "runs" / f"{arm.name}-seed{seed}"
-        bar.set_postfix(run=run_dir.name)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: the study is resumable
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            metrics = route(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
-                            show_progress=False)
-        runs.append({**metrics, "arm": arm.name, "group": arm.group})
+
+    def launch(arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
+        return route(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
+                     show_progress=False)
+
+    done = run_plan(plan, out, lambda arm: arm.name, launch, "aux-loss study", show_progress)
+    runs = [{**metrics, "arm": arm.name, "group": arm.group} for arm, metrics in done]
     results = {"preset": preset_name, "seeds": seeds, "steps": recipe.controller_steps,
                "ablations": ablations, "recipe": recipe.record(preset_name),
                "backbone": backbone_summary(recipe, preset_name, bb), "runs": runs}

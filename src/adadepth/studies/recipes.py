@@ -46,8 +46,13 @@ RECIPES = {
                    tokenizer="char"),
     # Sized in benchmarks/README.md ("The aux-loss study at `small` scale") so that the study
     # with --ablations (45 controller runs) finishes within 90 minutes on a 2-core CPU.
-    "small": Recipe("tiny-shakespeare", 128, 16, controller_steps=400, backbone_steps=2000,
-                    tokenizer="char"),
+    # The probe (benchmarks/study_cost.py) put 16 x 128-token batches, 2000 backbone and 400
+    # controller steps at several hours; these sizes came to about an hour with one thread.
+    # The oracle labels one controlled layer per step (drawn at random), as the util/rank
+    # labels cost a forward per labelled layer.
+    "small": Recipe("tiny-shakespeare", 64, 8, controller_steps=160, backbone_steps=800,
+                    tokenizer="char",
+                    routing={"oracle_layers": 1, "calibration_windows": 64}),
     # The published setting where it is known: a general web-text corpus (fineweb-edu),
     # 20,000 controller steps, a backbone of about the paper's size (SmolLM2-135M, 30 layers).
     # A GPU job; see benchmarks/README.md for its estimated cost.

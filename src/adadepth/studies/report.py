@@ -71,6 +71,14 @@ def arm_table(arms: Arms) -> list[str]:
     return lines
 
 
+def save_figure(fig: Any, out: Path, name: str, files: list[str]) -> None:
+    """Write a figure as out/name (PNG), close it, and list it in `files`."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+
+
 def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     import numpy as np
 
@@ -86,10 +94,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     axes[0].set(title="LM loss (EMA), mean ± std over seeds", xlabel="step", ylabel="nats/token")
     axes[1].set(title="controller gradient norm (EMA)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    files.append("loss_curves.png")
+    save_figure(fig, out, "loss_curves.png", files)
 
     fig, ax = plt.subplots(figsize=(10, 4))
     names = list(arms)
@@ -103,10 +108,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=8)
     ax.set(title="realised full fraction per controlled layer", ylim=(0, 1.05))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "full_fraction.png", dpi=110)
-    plt.close(fig)
-    files.append("full_fraction.png")
+    save_figure(fig, out, "full_fraction.png", files)
 
     fig, ax = plt.subplots(figsize=(9, 4))
     values = [statistics.mean(r["flops_proxy"] for r in arms[n]) for n in names]
@@ -117,10 +119,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set(title="training FLOPs proxy relative to full-only training")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "flops_proxy.png", dpi=110)
-    plt.close(fig)
-    files.append("flops_proxy.png")
+    save_figure(fig, out, "flops_proxy.png", files)
     return files
 
 

@@ -38,6 +38,10 @@ class StepOutput:
 
 
 class Objective(Protocol):
+    """What the loop trains. Optionally also `held_back(step) -> parameter names` (staged
+    training: their gradients are dropped that step) and `may_skip_parameters` (DDP then
+    looks for unused parameters)."""
+
     def __call__(self, x: Tensor, y: Tensor, step: int) -> StepOutput: ...
     def lm_loss(self, x: Tensor, y: Tensor) -> Tensor: ...
     def checkpoint_state(self) -> dict[str, Tensor]: ...
@@ -74,12 +78,17 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, device: torch.device):
+    """AdamW, weight decay on matrices only; the fused kernel on CPU and CUDA.
+
+    On the CPU torch's default is the per-parameter loop (a dozen kernels per tensor, 38 tensors
+    in the `tiny` model); the fused kernel does each tensor's update in one pass, same math.
+    """
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -173,48 +182,64 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
     val_loss = history[-1]["val_loss"] if history and "val_loss" in history[-1] else math.nan
     bar = tqdm(total=train_cfg.steps, initial=start_step, desc=desc,
                disable=not (show_progress and par.main), dynamic_ncols=True, leave=False)
-    t_start = time.perf_counter()
+    clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+    pending: list[PendingStep] = []
+    par.model.train()
+    t_start = window_start = time.perf_counter()
     for step in range(start_step, train_cfg.steps):
-        t0 = time.perf_counter()
         lr = lr_at(step, train_cfg.steps, optim_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        par.model.train()
-        metrics: dict[str, float] = {}
-        loss_sum, flops = 0.0, 0.0
+        metrics: dict[str, float | Tensor] = {}
+        loss_sum: Tensor | float = 0.0
+        flops = 0.0
         for micro in range(train_cfg.grad_accum):
             x, y = par.shard(*data.get_batch("train", train_cfg.batch_size, block_size,
                                              generator))
             with par.micro_step(sync=micro == train_cfg.grad_accum - 1):
                 with autocast(device, train_cfg.amp):
-                    out = par.model(x.to(device), y.to(device), step)
+                    out = par.model(to_device(x, device), to_device(y, device), step)
                 if out.loss.requires_grad:  # e.g. all-full routing: no trainable module ran
                     (out.loss / train_cfg.grad_accum).backward()
-            loss_sum += out.loss.item() / train_cfg.grad_accum
+            part = out.loss.detach()
+            loss_sum = part if train_cfg.grad_accum == 1 else loss_sum + part / train_cfg.grad_accum
             flops += out.flops
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / train_cfg.grad_accum
-        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+        held = getattr(objective, "held_back", None)
+        if held is not None:  # staged training: parameters that sit this step out take no step
+            names = held(step)
+            for name, p in par.named_parameters():
+                if name in names:
+                    p.grad = None
         grad_norm = par.clip_grad_norm(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        figures = step_figures(par, loss_sum, metrics, flops, dt, tokens_per_step, peak_total)
-        row = {"step": step + 1, "loss": figures.pop("loss"), "lr": lr, "grad_norm": grad_norm,
-               **figures}
+        pending.append(PendingStep(step + 1, lr, loss_sum, grad_norm, metrics, flops))
+        bar.update(1)
         last = step + 1 == train_cfg.steps
-        if (step + 1) % train_cfg.eval_interval == 0 or last:
+        evaluating = (step + 1) % train_cfg.eval_interval == 0 or last
+        saving = (step + 1) % train_cfg.ckpt_interval == 0 or last
+        if not (evaluating or saving or (step + 1) % train_cfg.log_interval == 0):
+            continue
+        # Figures are read here, once per window, not per step: on a GPU each read is a sync.
+        rows = window_figures(par, pending, time.perf_counter() - window_start,
+                              tokens_per_step, peak_total)
+        pending = []
+        if evaluating:
             val_loss, _ = evaluate(par.lm_loss, data, "val", train_cfg.batch_size, block_size,
                                    device, train_cfg.eval_batches, train_cfg.amp, par=par)
-            row["val_loss"] = val_loss
-        history.append(row)
-        if logger is not None and ((step + 1) % train_cfg.log_interval == 0
-                                   or "val_loss" in row or last):
-            logger.log(row)
+            rows[-1]["val_loss"] = val_loss
+            par.model.train()  # in case evaluation left a module in eval mode
+        history.extend(rows)
+        if logger is not None:
+            for row in rows:
+                if row["step"] % train_cfg.log_interval == 0 or "val_loss" in row or last:
+                    logger.log(row)
+        row = rows[-1]
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                        util=f"{row['utilisation']:.1%}")
-        bar.update(1)
-        if (step + 1) % train_cfg.ckpt_interval == 0 or last:
+                        util=f"{row['utilisation']:.1%}", refresh=False)
+        if saving:
             train_state = {
                 "step": step + 1, "history": history, "data_rng": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -229,6 +254,7 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
                 train_state["optimizer"] = optimizer.state_dict()
                 ck.save_checkpoint(run_dir, step + 1, objective.checkpoint_state(), train_state)
                 parallel.remove_sharded(run_dir)  # a resumed distributed run's, now outdated
+        window_start = time.perf_counter()  # evaluation and checkpoints are not training time
     bar.close()
     if logger is not None:
         logger.close()
@@ -237,19 +263,64 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
                       wall_s=wall_before + time.perf_counter() - t_start, history=history)
 
 
-def step_figures(par: parallel.Parallel, loss: float, metrics: dict[str, float], flops: float,
-                 dt: float, tokens_per_step: int, peak_total: float) -> dict[str, Any]:
-    """Loss and metrics averaged over ranks (equal slices: the global-batch mean), throughput
-    per rank and in total (the slowest rank sets the pace), FLOPs utilisation of all devices."""
-    ranks = par.gather({"loss": loss, "metrics": metrics, "flops": flops, "dt": dt})
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A batch onto the device; to a GPU through pinned memory, so the copy does not block."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
+class PendingStep:
+    """A trained step whose figures may still be tensors on the device."""
+
+    step: int
+    lr: float
+    loss: Tensor | float
+    grad_norm: Tensor | float
+    metrics: dict[str, float | Tensor]
+    flops: float
+
+
+def read_values(values: list[Any]) -> list[float]:
+    """Floats of a list of floats and 0-d tensors, with one transfer for all the tensors."""
+    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def window_figures(par: parallel.Parallel, steps: list[PendingStep], seconds: float,
+                   tokens_per_step: int, peak_total: float) -> list[dict[str, Any]]:
+    """The history rows of a window of steps that took `seconds` of wall time in all.
+
+    Loss and metrics are averaged over ranks (equal slices: the global-batch mean); throughput
+    is per rank and in total (the slowest rank sets the pace), FLOPs utilisation of all devices.
+    Wall time per step is the window's mean, and includes everything the loop does between two
+    steps (batching, the progress bar, reading these figures) except evaluation and
+    checkpoints, which fall between windows. One gather across ranks per window.
+    """
+    keys = [list(s.metrics) for s in steps]
+    flat = read_values([v for s, k in zip(steps, keys, strict=True)
+                        for v in (s.loss, s.grad_norm, *(s.metrics[name] for name in k))])
+    mine = {"values": flat, "flops": [s.flops for s in steps], "dt": seconds / len(steps)}
+    ranks = par.gather(mine)
     dt_max = max(r["dt"] for r in ranks)
-    flops_total = sum(r["flops"] for r in ranks)
-    row: dict[str, Any] = {"loss": sum(r["loss"] for r in ranks) / par.world,
-                           "tokens_per_s": tokens_per_step / dt_max,
-                           "flops_per_s": flops_total / dt_max,
-                           "utilisation": flops_total / dt_max / peak_total}
-    if par.world > 1:
-        row["tokens_per_s_rank"] = [tokens_per_step / par.world / r["dt"] for r in ranks]
-    for key in metrics:
-        row[key] = sum(r["metrics"][key] for r in ranks) / par.world
-    return row
+    rows: list[dict[str, Any]] = []
+    at = 0
+    for i, (s, names) in enumerate(zip(steps, keys, strict=True)):
+        width = 2 + len(names)
+        per_rank = [r["values"][at:at + width] for r in ranks]
+        at += width
+        flops_total = sum(r["flops"][i] for r in ranks)
+        row: dict[str, Any] = {
+            "step": s.step, "loss": sum(v[0] for v in per_rank) / par.world, "lr": s.lr,
+            "grad_norm": per_rank[0][1],  # the norm of the whole (all-reduced) gradient
+            "tokens_per_s": tokens_per_step / dt_max, "flops_per_s": flops_total / dt_max,
+            "utilisation": flops_total / dt_max / peak_total,
+            "flops": flops_total}  # executed this step, all ranks
+        if par.world > 1:
+            row["tokens_per_s_rank"] = [tokens_per_step / par.world / r["dt"] for r in ranks]
+        for j, name in enumerate(names):
+            row[name] = sum(v[2 + j] for v in per_rank) / par.world
+        rows.append(row)
+    return rows

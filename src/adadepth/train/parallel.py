@@ -269,10 +269,16 @@ class Parallel:
             self.model.set_requires_gradient_sync(sync)
         yield
 
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trained parameters under the names they have in the caller's objective."""
+        inner = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return inner.named_parameters()
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
+        """Clip and return the total norm as a tensor (read it when convenient: a GPU sync)."""
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full = getattr(norm, "full_tensor", None)  # sharded gradients give a DTensor norm
-        return (full() if full is not None else norm).item()
+        return full() if full is not None else norm
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order."""

@@ -1,0 +1,261 @@
+"""Static layer skipping: the same layers are dropped for every token, chosen on held-out text.
+
+The baseline any adaptive-depth method must beat at equal compute. A layer whose output hidden
+states are nearly its input ones does little: its *block influence* is one minus the mean cosine
+similarity of each token's hidden state before and after the layer, over held-out windows
+(ShortGPT, Men et al. 2024, arXiv:2403.03853). The layers of lowest influence are skipped, as many
+as bring the dense model's inference FLOPs to the budget. Nothing trains: `adadepth fit` only
+calibrates (`after_training`), and a skipped layer writes no K/V, since no token ever reads it.
+docs/methods/static-skip.md says which choices are ShortGPT's and which are ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+from torch import Tensor, nn
+
+from adadepth import flops as fl
+from adadepth.config import Strict
+from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.registry import register
+from adadepth.errors import UserError
+from adadepth.model import KVCache, Output, causal_lm_loss
+
+
+class StaticSkipConfig(Strict):
+    """Static layer skipping; defaults are ShortGPT's or ours (docs/methods/static-skip.md)."""
+
+    budget: float = Field(0.75, gt=0, le=1, description="inference FLOPs as a fraction of the "
+                          "dense model's")
+    selection: Literal["one_shot", "iterative"] = Field(
+        "one_shot", description="rank layers once on the dense model (ShortGPT), or drop one at "
+        "a time, re-measuring the influences of the rest after each")
+    rounding: Literal["nearest", "at_most"] = Field(
+        "nearest", description="skip the number of layers whose FLOPs come nearest the budget, "
+        "or the fewest that bring them to at most the budget")
+    keep: list[int] = Field(default_factory=list, description="layers never skipped")
+    calibration_windows: PositiveInt = Field(64, description="held-out windows the influences "
+                                             "are measured on")
+
+
+class StaticSkip(Method):
+    """A backbone run without the layers that change its hidden states least."""
+
+    name = "static-skip"
+    knob = Knob("budget", (1.0, 0.75, 0.5, 0.25), low=0.0, high=1.0)
+    depth_unit = "layers run"
+
+    def __init__(self, backbone: nn.Module, cfg: StaticSkipConfig) -> None:
+        super().__init__(backbone)
+        self.scfg = cfg
+        n = backbone.n_layers
+        if n < 2:
+            raise UserError(f"static layer skipping needs a backbone of 2 or more layers, this "
+                            f"one has {n}")
+        if any(not 0 <= i < n for i in cfg.keep):
+            raise UserError(f"static-skip.keep {cfg.keep} must name layers in 0..{n - 1}")
+        self.budget = cfg.budget
+        self.register_buffer("influence", torch.full((n,), float("nan")))
+        self.register_buffer("skipped", torch.zeros(n, dtype=torch.bool))
+        self.kept = list(range(n))  # the layers a forward runs (a host list: no sync per call)
+        self.tokens = self.layer_tokens = 0  # what forwards ran, for measure()
+        self.last: tuple[tuple[int, ...], int] | None = None  # the last forward: shape, depth
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
+                positions: Tensor | None = None) -> Output:
+        bb = self.backbone
+        x, ctx = bb.prepare(idx, cache, start, positions=positions)
+        for i in self.kept:
+            x = bb.run_layer(i, x, ctx)
+        self.tokens += idx.numel()
+        self.layer_tokens += idx.numel() * len(self.kept)
+        self.last = (tuple(idx.shape), len(self.kept))
+        return Output(logits=bb.head(x), hidden=x)
+
+    def set_skipped(self, layers: list[int]) -> None:
+        self.skipped.zero_()
+        self.skipped[layers] = True
+        self.kept = [i for i in range(self.backbone.n_layers) if i not in set(layers)]
+
+    def skipped_layers(self) -> list[int]:
+        return [i for i in range(self.backbone.n_layers) if i not in self.kept]
+
+    # -- saving and training ---------------------------------------------------------------------
+    def method_config(self) -> dict[str, Any]:
+        return self.scfg.model_dump()
+
+    def method_buffers(self) -> dict[str, Tensor]:
+        return {"influence": self.influence, "skipped": self.skipped}
+
+    def load_method_state(self, tensors: dict[str, Tensor]) -> None:
+        super().load_method_state(tensors)
+        self.set_skipped(self.skipped.nonzero().flatten().tolist())
+
+    def set_trainable(self, from_scratch: bool) -> None:
+        if from_scratch:
+            raise UserError("static-skip drops layers of a trained model; pass --backbone "
+                            "(it trains nothing)")
+        self.requires_grad_(False)
+        self.trains_backbone = False
+
+    # -- choosing the layers ---------------------------------------------------------------------
+    @torch.no_grad()
+    def block_influence(self, windows: Tensor, chunk: int = 32) -> Tensor:
+        """1 - mean cosine(hidden before, hidden after) of each layer the model runs, over the
+        tokens of `windows`; NaN for layers already skipped."""
+        bb = self.backbone
+        total = torch.zeros(bb.n_layers, dtype=torch.float64)
+        count = 0
+        for part in windows.split(chunk):
+            x, ctx = bb.prepare(part)
+            for i in self.kept:
+                out = bb.run_layer(i, x, ctx)
+                total[i] += F.cosine_similarity(x.float(), out.float(), dim=-1).sum().item()
+                x = out
+            count += part.numel()
+        influence = 1 - total / count
+        influence[self.skipped.cpu()] = float("nan")
+        return influence.float()
+
+    def skip_count(self, budget: float, context: float) -> int:
+        """How many layers to skip so the FLOPs per token meet `budget` of the dense model's."""
+        dense = fl.forward_per_token(self.cfg, context)
+        total = sum(dense.values())
+        per_layer = (total - dense["lm_head"]) / self.cfg.n_layers
+        available = self.cfg.n_layers - len(set(self.scfg.keep))
+        wanted = (1 - budget) * total / per_layer
+        if self.scfg.rounding == "nearest":
+            return min(available, round(wanted))
+        count = math.ceil(wanted - 1e-9)
+        if count > available:
+            least = (total - available * per_layer) / total
+            raise UserError(f"a FLOPs budget of {budget:g} cannot be met: skipping every layer "
+                            f"that may be skipped still costs {least:.3f} of the dense model")
+        return count
+
+    @torch.no_grad()
+    def choose(self, windows: Tensor, budget: float) -> list[int]:
+        """Skip the lowest-influence layers for `budget` (influences measured on `windows`
+        unless one-shot ones are already known)."""
+        was_training = self.training
+        self.eval()
+        try:
+            count = self.skip_count(budget, fl.causal_context(windows.shape[1]))
+            self.set_skipped([])
+            if torch.isnan(self.influence).all() or self.scfg.selection == "iterative":
+                self.influence.copy_(self.block_influence(windows))
+            influence = self.influence.clone()
+            influence[self.scfg.keep] = float("inf")
+            chosen: list[int] = []
+            while len(chosen) < count:
+                layer = int(torch.nan_to_num(influence, nan=float("inf")).argmin())
+                chosen.append(layer)
+                self.set_skipped(chosen)
+                if self.scfg.selection == "iterative" and len(chosen) < count:
+                    influence = self.block_influence(windows)
+                    influence[self.scfg.keep] = float("inf")
+                else:
+                    influence[layer] = float("inf")
+        finally:
+            self.train(was_training)
+        self.budget = budget
+        return sorted(chosen)
+
+    @torch.no_grad()
+    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+        """Choose the layers on `calibration` windows; the LM loss on `held_out` with and
+        without them."""
+        windows = calibration[:self.scfg.calibration_windows]
+        chosen = self.choose(windows, self.scfg.budget)
+        x, y = held_out[:, :-1], held_out[:, 1:]
+        loss = causal_lm_loss(self(x).logits, y).item()
+        with self.dense_reference():
+            dense_loss = causal_lm_loss(self(x).logits, y).item()
+        context = fl.causal_context(x.shape[1])
+        return {"skipped_layers": chosen, "block_influence": self.influence.tolist(),
+                "flops_fraction": self.flops_per_token(context)
+                / self.reference_flops_per_token(context),
+                "held_out_loss": loss, "held_out_loss_dense": dense_loss}
+
+    @torch.no_grad()
+    def eval_report(self, data, block_size: int, batch_size: int,
+                    max_batches: int | None) -> dict[str, Any]:
+        context = fl.causal_context(block_size)
+        return {"budget": self.budget, "skipped_layers": self.skipped_layers(),
+                "flops_ratio": self.flops_per_token(context)
+                / self.reference_flops_per_token(context)}
+
+    # -- cost and the bench ----------------------------------------------------------------------
+    def flops_per_token(self, context: float, layers_run: float | None = None) -> float:
+        dense = fl.forward_per_token(self.cfg, context)
+        per_layer = (sum(dense.values()) - dense["lm_head"]) / self.cfg.n_layers
+        run = len(self.kept) if layers_run is None else layers_run
+        return dense["lm_head"] + run * per_layer
+
+    def reference_flops_per_token(self, context: float) -> float:
+        return sum(fl.forward_per_token(self.cfg, context).values())
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Layers run per token over the forwards inside the block (every token runs the kept
+        layers, each attending to every earlier token); the figures freeze when it ends."""
+        start = (self.tokens, self.layer_tokens)
+        frozen: list[tuple[int, int]] = []
+        budget, skipped = self.budget, self.skipped_layers()
+
+        def counts() -> tuple[int, int]:
+            return frozen[0] if frozen else (self.tokens - start[0],
+                                             self.layer_tokens - start[1])
+
+        def layers_run() -> float:
+            tokens, layer_tokens = counts()
+            return layer_tokens / max(tokens, 1)
+
+        try:
+            yield Measurement(lambda context: self.flops_per_token(context, layers_run()),
+                              lambda: {"layers_run": layers_run(), "skipped_layers": skipped,
+                                       "budget": budget, "tokens": counts()[0]})
+        finally:
+            frozen.append(counts())
+
+    def token_depth(self) -> Tensor | None:
+        if self.last is None:
+            return None
+        shape, depth = self.last
+        return torch.full(shape, depth)
+
+    def current_knob_value(self) -> float | None:
+        return self.budget
+
+    def current_setting(self) -> Callable[[], None]:
+        layers, budget = self.skipped_layers(), self.budget
+
+        def apply() -> None:
+            self.set_skipped(layers)
+            self.budget = budget
+        return apply
+
+    def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
+        self.choose(calibration[:self.scfg.calibration_windows], value)
+        return self.current_setting()
+
+    @contextlib.contextmanager
+    def dense_reference(self) -> Iterator[None]:
+        restore = self.current_setting()
+        self.set_skipped([])
+        try:
+            yield
+        finally:
+            restore()
+
+
+register("method", "static-skip")(MethodSpec(
+    name="static-skip", config=StaticSkipConfig, build=StaticSkip, kind="static-skip",
+    summary="static layer skipping: the layers of least block influence are dropped for all"))

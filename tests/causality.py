@@ -1,0 +1,75 @@
+"""Checks every adaptive method's per-token decisions must pass, whatever the method.
+
+A *decision reader* runs the model on token ids (optionally into a cache, from a position) and
+returns what it decided for each token, (B, T, ...): routing's full/cheap masks, Mixture-of-
+Depths' run/skip masks, an early exit's exit layer. `method_decisions` reads any method through
+`Method.token_depth()`; a method with richer records passes its own reader.
+
+- `assert_causal`: changing the tokens from some position on never changes a decision before it
+  (decisions may depend on earlier tokens only, as decoding requires);
+- `assert_cached_decisions_match`: decoding with the KV cache (a prefill, then one token at a
+  time) decides exactly as one forward over the whole text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+# (token ids (B, T), cache or None, start position) -> decisions (B, T, ...)
+Decide = Callable[..., Tensor]
+
+
+def method_decisions(model: nn.Module) -> Decide:
+    """Per-token decisions of any method: the compute each token received (`token_depth`)."""
+
+    def decide(idx: Tensor, cache=None, start: int = 0) -> Tensor:
+        with torch.no_grad():
+            model(idx, cache, start)
+        depth = model.token_depth()
+        assert depth is not None, f"{type(model).__name__} recorded no per-token depth"
+        return depth.clone()
+
+    return decide
+
+
+def assert_causal(decide: Decide, tokens: Tensor, vocab: int,
+                  cuts: int | Iterable[int] | None = None, seed: int = 0) -> list[Tensor]:
+    """Change every token from each cut on (every position when `cuts` is None): the decisions
+    before the cut must not move.
+
+    Returns the decisions of every changed sequence, so a test can also check that the change
+    reached the later decisions (a check that cannot fail proves nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = tokens.shape[1]
+    before = decide(tokens)
+    assert before.shape[:2] == tokens.shape, "a decision reader returns (B, T, ...)"
+    if cuts is None:
+        cuts = range(1, T)
+    elif isinstance(cuts, int):
+        cuts = [cuts]
+    seen = []
+    for cut in cuts:
+        changed = tokens.clone()
+        shift = torch.randint(1, vocab, (tokens.shape[0], T - cut), generator=gen)
+        changed[:, cut:] = (tokens[:, cut:] + shift.to(tokens.device)) % vocab
+        after = decide(changed)
+        moved = (before[:, :cut] != after[:, :cut]).reshape(tokens.shape[0], cut, -1).any(-1)
+        assert not moved.any(), f"decisions before position {cut} depend on later tokens: " \
+            f"(row, position) {moved.nonzero().tolist()[:4]}"
+        seen.append(after)
+    return seen
+
+
+def assert_cached_decisions_match(model: nn.Module, decide: Decide, tokens: Tensor,
+                                  prefill: int) -> None:
+    """A prefill of `prefill` tokens then one token per call decides as one full forward."""
+    full = decide(tokens)
+    B, T = tokens.shape
+    cache = model.new_cache(B, T)
+    steps = [decide(tokens[:, :prefill], cache, 0)]
+    steps += [decide(tokens[:, t:t + 1], cache, t) for t in range(prefill, T)]
+    cached = torch.cat(steps, 1)
+    assert torch.equal(cached, full), "cached decoding decided otherwise than the full forward"
