@@ -3,6 +3,7 @@ the same table, the report and its plots exist, bad input is one line and exit 2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,6 +76,33 @@ def test_a_resumed_leaderboard_gives_the_same_table(toy_sizes, tmp_path: Path) -
                                   show_progress=False)
     assert (out / "report.md").read_text() == table
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(first["rows"], sort_keys=True)
+
+
+def test_every_other_method_trains_evaluates_and_benches(toy_sizes, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each non-routing entry on the shared backbone: trained, set to a budget through its own
+    knob (or kept at its setting), evaluated as generation feeds it, and timed."""
+    names = [e.name for e in leaderboard.ENTRIES if e.job == "fit"]
+    assert {"mod", "static-skip", "calm", "layerskip-exit", "layerskip-spec", "ponder",
+            "ensemble"} <= set(names)
+    short = [dataclasses.replace(e, steps=4 if e.steps else None) for e in leaderboard.ENTRIES]
+    monkeypatch.setattr(leaderboard, "ENTRIES", short)
+    toy_sizes.overrides.extend(["calm.calibration_windows=4", "static-skip.calibration_windows=4",
+                                "mod.capacity=0.5"])
+    results = leaderboard.run_study("toy", 1, tmp_path / "lb", methods=names, budgets=[0.75],
+                                    show_progress=False)
+    by_entry = {r["entry"]: r for r in results["rows"]}
+    assert set(by_entry) == {*names, "all-cheap"}
+    for name in names:
+        row = by_entry[name]
+        assert row["val_loss"] > 0 and row["flops_fraction"] > 0, name
+        assert row["speed"]["decode_b8"]["measured_speedup"] > 0, name
+        # static skipping trains nothing (it only measures influences)
+        assert (row["training_flops"] > 0) == (name != "static-skip"), name
+    for name in ("mod", "static-skip", "calm", "layerskip-exit"):
+        assert by_entry[name]["budget"] == 0.75 and by_entry[name]["flops_fraction"] < 1, name
+    assert by_entry["ponder"]["flops_fraction"] > 1  # pondering adds passes: above dense
+    assert "calm" in (tmp_path / "lb" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -57,6 +57,32 @@ ENTRIES: list[Entry] = [
           about="conditional depth routing, JEPA-guided gate, util + rank + jepa"),
     Entry("random-routing", "route", routing("random", []),
           about="routing with random decisions at the same budget (its cheap paths train)"),
+    Entry("mod", "fit", {"method": "mod", "mod": {"capacity": 0.5}},
+          about="Mixture-of-Depths: every other block runs on the top-C tokens (trained at C "
+          "0.5, backbone and routers jointly), causal predictor"),
+    Entry("static-skip", "fit", {"method": "static-skip"},
+          about="static layer skipping: the layers of least influence dropped for every token"),
+    Entry("calm", "fit", {"method": "calm"},
+          about="CALM early exit: per-layer weighted loss, softmax confidence, states copied "
+          "upward; the knob is the confidence threshold"),
+    Entry("layerskip-exit", "fit", {"method": "layerskip",
+                                    "layerskip": {"decoding": "early_exit"}},
+          about="LayerSkip trained with layer dropout and early-exit loss, decoding from the "
+          "first E blocks (the knob is E)"),
+    Entry("layerskip-spec", "fit", {"method": "layerskip"}, budgeted=False,
+          about="LayerSkip's self-speculative decoding: the full model's output, drafted by "
+          "the first quarter of the blocks (speed only; FLOPs at or above dense)"),
+    Entry("ponder", "fit", {"method": "ponder",
+                            "ponder": {"tau": 0.05, "ce_steps": 40, "k_warmup_steps": 60,
+                                       "gates_only_steps": 30},
+                            "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30}},
+          budgeted=False,
+          about="AdaPonderLM: 4 passes of the backbone, learned gates, token-wise halting at "
+          "tau 0.05 (adds compute: more than dense FLOPs by design)"),
+    Entry("ensemble", "fit", {"method": "ensemble",
+                              "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 25}},
+          budgeted=False, steps=250,
+          about="the last layers as an ensemble (tuning; adds head compute)"),
 ]
 # The floor of the loss gap: every controlled layer on its (trained) cheap path.
 FLOOR = Entry("all-cheap", "route", routing("all-cheap", []), budgeted=False, timed=False,
@@ -122,14 +148,25 @@ def train_entry(entry: Entry, backbone: Path, run_dir: Path, preset: Preset, see
         if entry.job == "route":
             base = RouteConfig(backbone=str(backbone)).model_dump()
             data = _merge(base, {**entry.config, "train": train})
-            cfg = validate(RouteConfig, apply_overrides(data, preset.overrides))
+            options = apply_overrides(data, overrides_for(entry, preset.overrides))
+            cfg = validate(RouteConfig, options)
             route(cfg, run_dir, resume=resume, show_progress=False)
         else:
             base = FitConfig(method=entry.config["method"]).model_dump(include={"optim", "train"})
             data = _merge(base, {**entry.config, "backbone": str(backbone), "train": train})
-            fit(fit_config(apply_overrides(data, preset.overrides)), run_dir, resume=resume,
-                show_progress=False)
+            options = apply_overrides(data, overrides_for(entry, preset.overrides))
+            fit(fit_config(options), run_dir, resume=resume, show_progress=False)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def overrides_for(entry: Entry, overrides: list[str]) -> list[str]:
+    """The preset's overrides that concern this entry: shared sections (train, optim, data)
+    and its own method's options, not another method's."""
+    from adadepth.depth import method_names
+
+    own = "routing" if entry.job == "route" else entry.config["method"]
+    other = (set(method_names()) | {"routing"}) - {own}
+    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in other]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
