@@ -26,12 +26,7 @@ from pathlib import Path
 import torch
 
 from adadepth.bench import format_table
-from adadepth.cli import main as cli
-
-
-def run(argv: list[str]) -> None:
-    if cli(argv) != 0:
-        raise SystemExit(f"adadepth {' '.join(argv)} failed")
+from adadepth.cli import run_or_exit as run
 
 
 def main() -> None:

@@ -25,14 +25,9 @@ from pathlib import Path
 import torch
 
 from adadepth.bench import format_table
-from adadepth.cli import main as cli
+from adadepth.cli import run_or_exit as run
 
 QUICK = ["train.eval_interval=4", "train.eval_batches=2", "train.batch_size=4"]
-
-
-def run(argv: list[str]) -> None:
-    if cli(argv) != 0:
-        raise SystemExit(f"adadepth {' '.join(argv)} failed")
 
 
 def main() -> None:

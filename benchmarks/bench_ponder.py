@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from adadepth.bench import format_table
-from adadepth.cli import main as cli
+from adadepth.cli import run_or_exit as run
 
 RECIPES = {
     "tiny": ["--preset", "tiny", "model.d_model=64", "model.n_layers=2", "model.d_ff=176",
@@ -30,11 +30,6 @@ RECIPES = {
 }
 COMMON = ["data.block_size=64", "train.batch_size=16", "train.eval_batches=4",
           "train.threads=2", "ponder.ce_steps=100", "ponder.k_warmup_steps=100"]
-
-
-def run(argv: list[str]) -> None:
-    if cli(argv) != 0:
-        raise SystemExit(f"adadepth {' '.join(argv)} failed")
 
 
 def main() -> None:

@@ -28,18 +28,13 @@ import torch
 from torch import Tensor
 
 from adadepth.bench import synchronize
-from adadepth.cli import main as cli
+from adadepth.cli import run_or_exit as run
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth.routing import RoutedModel
 from adadepth.model import causal_lm_loss
 from adadepth.runs import load_run
 
 TRAIN_BATCH, TRAIN_LEN = 8, 256
-
-
-def run(argv: list[str]) -> None:
-    if cli(argv) != 0:
-        raise SystemExit(f"adadepth {' '.join(argv)} failed")
 
 
 def bench_training(model: RoutedModel, x: Tensor, y: Tensor, reps: int,

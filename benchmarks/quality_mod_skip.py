@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adadepth.cli import main as cli
+from adadepth.cli import run_or_exit as run
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.eval import decode_eval
 from adadepth.runs import load_run
@@ -37,11 +37,6 @@ RECIPES = {  # name: the method's options
     "static-skip": [],
 }
 WINDOWS, LENGTH = 16, 128
-
-
-def run(argv: list[str]) -> None:
-    if cli(argv) != 0:
-        raise SystemExit(f"adadepth {' '.join(argv)} failed")
 
 
 def main() -> None:

@@ -370,3 +370,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def run_or_exit(argv: list[str]) -> None:
+    """`adadepth ARGV` from a script (the benchmarks), stopping the script if it fails."""
+    if main(argv) != 0:
+        raise SystemExit(f"adadepth {' '.join(argv)} failed")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from adadepth import flops as fl
 from adadepth import runs
@@ -18,7 +18,7 @@ from adadepth.config import DataConfig, OptimConfig, Strict, TrainConfig, dump_y
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth.oracle import oracle_utilities, rank_loss, util_loss
 from adadepth.depth.routing import RoutedModel, RoutingConfig
-from adadepth.jobs.fit import heldout_halves
+from adadepth.jobs.fit import MethodObjective, heldout_halves
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
@@ -35,12 +35,14 @@ class RouteConfig(Strict):
         steps=300, eval_interval=100, ckpt_interval=100, log_interval=10))
 
 
-class RoutingObjective(nn.Module):
+class RoutingObjective(MethodObjective):
     """LM loss through the routed model plus the auxiliary losses of the configured recipe."""
 
+    model: RoutedModel
+
     def __init__(self, model: RoutedModel, seed: int) -> None:
-        super().__init__()
-        self.model, self.rcfg = model, model.rcfg
+        super().__init__(model)
+        self.rcfg = model.rcfg
         self.rng = random.Random(seed)
         self.pair_gen = torch.Generator().manual_seed(seed)
 
@@ -164,15 +166,6 @@ class RoutingObjective(nn.Module):
                                                   (True if off_policy else None)))
                     for i in range(layer, cfg.n_layers))
         return total
-
-    def lm_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return causal_lm_loss(self.model(x).logits, y)
-
-    def checkpoint_state(self) -> dict[str, Tensor]:
-        return self.model.method_state()
-
-    def load_checkpoint_state(self, tensors: dict[str, Tensor]) -> None:
-        self.model.load_method_state(tensors)
 
 
 def prediction_variance(model: RoutedModel) -> float | None:
