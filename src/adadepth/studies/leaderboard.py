@@ -44,6 +44,7 @@ class Entry:
     timed: bool = True  # benched for speed (the loss floor is not)
     steps: int | None = None  # training steps; None: the preset's
     about: str = ""
+    speed_reference: str = ""  # what its speedups are measured against, if not the backbone
 
 
 def routing(gate: str, aux: list[str]) -> dict[str, Any]:
@@ -78,7 +79,9 @@ ENTRIES: list[Entry] = [
                             "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30}},
           budgeted=False,
           about="AdaPonderLM: 4 passes of the backbone, learned gates, token-wise halting at "
-          "tau 0.05 (adds compute: more than dense FLOPs by design)"),
+          "tau 0.05 (adds compute: more than dense FLOPs by design)",
+          speed_reference="PonderLM, the same weights running all 4 passes (the bench's dense "
+          "reference for a looped model); against the one-pass backbone it is slower"),
     Entry("ensemble", "fit", {"method": "ensemble",
                               "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 25}},
           budgeted=False, steps=250,
@@ -343,6 +346,8 @@ def run_study(preset_name: str, seeds: int, out: Path, methods: list[str] | None
                             "tokenizer": BACKBONES[preset.backbone].tokenizer,
                             "val_loss": backbone_eval.get("val_loss")},
                "entries": {e.name: e.about for e in [*entries, FLOOR]},
+               "speed_references": {e.name: e.speed_reference for e in entries
+                                    if e.speed_reference},
                "dense": json.loads(dense_path.read_text()), "rows": rows}
     ck.write_json_atomic(out / "results.json", results)
     report.write(results, out)
