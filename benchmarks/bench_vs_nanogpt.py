@@ -1,7 +1,7 @@
 """Training speed side by side with nanoGPT itself, on its small CPU recipe and the same text.
 
     python benchmarks/bench_vs_nanogpt.py --nanogpt DIR [--reps 3] [--steps 2000]
-                                          [--out runs/bench-vs-nanogpt]
+                                          [--out runs/bench-vs-nanogpt] [key=value ...]
 
 DIR is a checkout of https://github.com/karpathy/nanoGPT (its `train.py`, `model.py` and
 `configurator.py` are run as they are, in a subprocess; nothing of it is copied here).
@@ -151,11 +151,11 @@ def run_nanogpt(nanogpt: Path, data: Path, out: Path, steps: int) -> dict[str, A
             "val_loss": float(val.stdout.strip().splitlines()[-1])}
 
 
-def run_ours(out: Path, steps: int) -> dict[str, Any]:
+def run_ours(out: Path, steps: int, overrides: list[str]) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [sys.executable, "-m", "adadepth", "pretrain", "--preset", "tiny", "--steps",
-           str(steps), "--out", str(out / "run")]
+           str(steps), "--out", str(out / "run"), *overrides]
     t = time.perf_counter()
     with open(out / "stdout.log", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vs-nanogpt"))
+    parser.add_argument("overrides", nargs="*", help="key=value for our run, e.g. "
+                        "model.d_ff=341 (SwiGLU with nanoGPT's MLP parameter count)")
     args = parser.parse_args()
     nanogpt = args.nanogpt.resolve()
     if not (nanogpt / "train.py").is_file():
@@ -202,7 +204,7 @@ def main() -> None:
             if name == "nanogpt":
                 r = run_nanogpt(nanogpt, data, out / f"nanogpt-{rep}", args.steps)
             else:
-                r = run_ours(out / f"ours-{rep}", args.steps)
+                r = run_ours(out / f"ours-{rep}", args.steps, args.overrides)
             r["rep"] = rep
             results[name].append(r)
             print(f"rep {rep} {name:8s} {r['tokens_per_s']:8.0f} tok/s  val loss "
@@ -211,7 +213,7 @@ def main() -> None:
               for o, n in zip(results["ours"], results["nanogpt"], strict=True)]
     summary = {
         "command": "python benchmarks/bench_vs_nanogpt.py --nanogpt DIR "
-                   f"--reps {args.reps} --steps {args.steps}",
+                   f"--reps {args.reps} --steps {args.steps} {' '.join(args.overrides)}".strip(),
         "nanogpt_commit": git_commit(nanogpt), "vocab_size": vocab, "steps": args.steps,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
