@@ -16,6 +16,7 @@ import torch
 from adadepth.config import (
     ModelConfig,
     PretrainConfig,
+    TrainConfig,
     apply_overrides,
     load_yaml,
     preset,
@@ -24,6 +25,7 @@ from adadepth.config import (
 from adadepth.errors import UserError
 from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
+from adadepth.train import parallel
 
 # ---------------------------------------------------------------- config
 
@@ -263,3 +265,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path,
     for step in a:
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, step
     assert {"step", "loss", "tokens_per_s"} <= a[STEPS].keys()
+
+
+def test_compiled_training_matches_eager_and_keeps_the_checkpoint_names(
+        tmp_path: Path, corpus_file: Path) -> None:
+    """`train.compile=true` must run the same training (inductor only reorders float sums),
+    and save weights under the model's own names (no `_orig_mod.` prefix)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    popen = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    runs = {name: tmp_path / name for name in ("eager", "compiled")}
+    procs = {name: subprocess.Popen(pretrain_cmd(corpus_file, run, *(
+        ["train.compile=true"] if name == "compiled" else [])), **popen)
+        for name, run in runs.items()}
+    results = {name: final_result(proc) for name, proc in procs.items()}
+    assert abs(results["compiled"]["val_loss"] - results["eager"]["val_loss"]) < 1e-3
+    eager, compiled = logged(runs["eager"]), logged(runs["compiled"])
+    assert eager.keys() == compiled.keys()
+    for step in eager:
+        assert abs(eager[step]["loss"] - compiled[step]["loss"]) < 1e-3, step
+    names = [set(ck.load_file(str(ck.latest_checkpoint(run) / ck.WEIGHTS)))
+             for run in runs.values()]
+    assert names[0] == names[1]
+
+
+def test_train_compile_compiles_the_step_and_finish_undoes_it(tmp_path: Path) -> None:
+    model = Transformer(preset("tiny"))
+    par = parallel.setup(model, TrainConfig(compile=True), torch.device("cpu"), tmp_path)
+    assert par.model is model and model._compiled_call_impl is not None
+    par.finish()
+    assert model._compiled_call_impl is None
+    plain = parallel.setup(model, TrainConfig(), torch.device("cpu"), tmp_path)
+    assert plain.model._compiled_call_impl is None

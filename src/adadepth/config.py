@@ -97,7 +97,8 @@ class TrainConfig(Strict):
     seed: int = 1337
     device: str = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the training step (inductor); "
+                          "the first steps pay for compiling")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     activation_checkpointing: bool = False

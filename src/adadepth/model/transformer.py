@@ -75,9 +75,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
+        # Under torch.compile the composite is traced instead: inductor fuses its backward.
         if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
                 and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-                and _fused_rms_norm is not None):
+                and _fused_rms_norm is not None and not torch.compiler.is_compiling()):
             return _RMSNormCPU.apply(x, w, self.eps)
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 

@@ -184,6 +184,17 @@ def checkpoint_activations(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
+def compile_in_place(module: nn.Module) -> Callable[[], None]:
+    """torch.compile the module's calls (inductor), keeping the module itself, so parameter
+    names and state-dict keys do not change; returns the undo. The first steps pay for
+    compiling (about 20 s for the `tiny` model on 2 CPU cores)."""
+    module.compile()
+
+    def undo() -> None:
+        module._compiled_call_impl = None
+    return undo
+
+
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
@@ -398,6 +409,8 @@ def setup(objective: nn.Module, cfg: TrainConfig, device: torch.device,
             par.undo.append(checkpoint_activations(objective))
         if mode == "ddp":
             par.model = _ddp(objective, device)
+    if cfg.compile:
+        par.undo.append(compile_in_place(par.model))
     if par.main and mode == "none":
         (run_dir / PLAN_FILE).unlink(missing_ok=True)  # from an earlier, distributed segment
     elif par.main:
