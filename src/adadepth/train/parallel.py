@@ -187,7 +187,7 @@ def checkpoint_activations(model: nn.Module) -> Callable[[], None]:
 def compile_in_place(module: nn.Module) -> Callable[[], None]:
     """torch.compile the module's calls (inductor), keeping the module itself, so parameter
     names and state-dict keys do not change; returns the undo. The first steps pay for
-    compiling (about 20 s for the `tiny` model on 2 CPU cores)."""
+    compiling (10 to 20 s for the `tiny` model on 2 CPU cores)."""
     module.compile()
 
     def undo() -> None:
