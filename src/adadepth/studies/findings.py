@@ -30,6 +30,19 @@ def by_arm(runs: list[Run]) -> Arms:
     return dict(arms)
 
 
+def mean_std(values: list[float | None], digits: str = ".4g", std_digits: str = ".2g",
+             scale: float = 1.0, unit: str = "") -> str:
+    """'mean ± std' over the seeds' values (None: not measured), each times `scale`; one value
+    alone, or 'n/a'. The formats are Python format specs."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{scale * values[0]:{digits}}{unit}"
+    return (f"{scale * statistics.mean(values):{digits}} ± "
+            f"{scale * statistics.stdev(values):{std_digits}}{unit}")
+
+
 def arm_mean(arms: Arms, arm: str, key: str) -> float | None:
     values = [r[key] for r in arms.get(arm, []) if r.get(key) is not None]
     return statistics.mean(values) if values else None
@@ -90,14 +103,6 @@ def gap(arms: Arms) -> dict[int, float]:
             if r["seed"] in full}
 
 
-def percent(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f} %"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} %"
-
-
 def recovery_table(arms: Arms) -> list[str]:
     shares, gaps = recovery(arms), gap(arms)
     if not shares:
@@ -107,17 +112,12 @@ def recovery_table(arms: Arms) -> list[str]:
     lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|---|" + "---|" * (len(seeds) + 1),
              f"| *gap all-cheap − all-full (nats)* | {' | '.join(gap_cells)} | "
-             f"{_mean_std(list(gaps.values()))} |"]
+             f"{mean_std(list(gaps.values()), '.4f', '.4f')} |"]
     for name, per_seed in shares.items():
         cells = [f"{100 * per_seed[s]:.1f} %" if s in per_seed else "n/a" for s in seeds]
-        lines.append(f"| {name} | {' | '.join(cells)} | {percent(list(per_seed.values()))} |")
+        share = mean_std(list(per_seed.values()), ".1f", ".1f", scale=100, unit=" %")
+        lines.append(f"| {name} | {' | '.join(cells)} | {share} |")
     return lines
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}" if values else "n/a"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 # -- on-policy against off-policy oracle -------------------------------------------------------

@@ -19,6 +19,7 @@ from adadepth.studies.findings import (  # noqa: E402
     by_arm,
     count,
     head_to_head,
+    mean_std,
     policy_table,
     recovery_table,
     scales_table,
@@ -36,15 +37,6 @@ FLOPS_PROXY = (
     "util/rank, the oracle's counterfactual forwards (two per labelled layer, from that layer "
     "up, without gradient). The paper does not spell out its count, so set its ratios beside "
     "ours for their direction more than their level.")
-
-
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
 def arm_table(arms: Arms) -> list[str]:
