@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adadepth import flops as fl
-from adadepth.depth.method import Measurement, Method
+from adadepth.depth.method import Measurement, Method, attribute_set
 from adadepth.errors import UserError
 from adadepth.model import Context, causal_lm_loss
 
@@ -285,13 +285,8 @@ class ExitMethod(Method):
     def token_depth(self) -> Tensor | None:
         return self.last_depth
 
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        dense, self.dense = self.dense, True
-        try:
-            yield
-        finally:
-            self.dense = dense
+    def dense_reference(self) -> contextlib.AbstractContextManager[None]:
+        return attribute_set(self, "dense", True)
 
     def reference_flops_per_token(self, context: float) -> float:
         return sum(fl.forward_per_token(self.cfg, context).values())

@@ -244,3 +244,14 @@ class MethodSpec:
     summary: str = ""
     command: str | None = None  # the command that trains it, when not the generic `fit`
 
+
+@contextlib.contextmanager
+def attribute_set(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """`obj.name = value` for the duration of the block, then back to what it was (a method's
+    `dense_reference` is often one switch of its own)."""
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)

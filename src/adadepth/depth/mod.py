@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.method import Knob, Measurement, Method, MethodSpec, attribute_set
 from adadepth.depth.registry import register
 from adadepth.depth.routing import ThresholdController, quantile_threshold, topk_count
 from adadepth.errors import UserError
@@ -518,13 +518,8 @@ class MixtureOfDepths(Method):
         self.calibrate(calibration)
         return self.current_setting()
 
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        force, self.force = self.force, True
-        try:
-            yield
-        finally:
-            self.force = force
+    def dense_reference(self) -> contextlib.AbstractContextManager[None]:
+        return attribute_set(self, "force", True)
 
 
 def _build(backbone: nn.Module, cfg: MoDConfig) -> MixtureOfDepths:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from adadepth import flops as fl
 from adadepth.config import Strict
 from adadepth.depth.gates import mlp
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.method import Knob, Measurement, Method, MethodSpec, attribute_set
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.model import Context, KVCache, Output, causal_lm_loss
@@ -465,14 +465,9 @@ class PonderModel(Method):
         tau = self.tau
         return lambda: setattr(self, "tau", tau)
 
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
+    def dense_reference(self) -> contextlib.AbstractContextManager[None]:
         """Fixed-K pondering on the same weights: every gate open, every token every pass."""
-        self.force_open = True
-        try:
-            yield
-        finally:
-            self.force_open = False
+        return attribute_set(self, "force_open", True)
 
 
 register("method", "ponder")(MethodSpec(
