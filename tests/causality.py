@@ -8,15 +8,19 @@ Depths' run/skip masks, an early exit's exit layer. `method_decisions` reads any
 - `assert_causal`: changing the tokens from some position on never changes a decision before it
   (decisions may depend on earlier tokens only, as decoding requires);
 - `assert_cached_decisions_match`: decoding with the KV cache (a prefill, then one token at a
-  time) decides exactly as one forward over the whole text.
+  time) decides exactly as one forward over the whole text;
+- `assert_round_trip`: `save_pretrained` then `from_pretrained` gives back exactly the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+import adadepth
 
 # (token ids (B, T), cache or None, start position) -> decisions (B, T, ...)
 Decide = Callable[..., Tensor]
@@ -73,3 +77,15 @@ def assert_cached_decisions_match(model: nn.Module, decide: Decide, tokens: Tens
     steps += [decide(tokens[:, t:t + 1], cache, t) for t in range(prefill, T)]
     cached = torch.cat(steps, 1)
     assert torch.equal(cached, full), "cached decoding decided otherwise than the full forward"
+
+
+def assert_round_trip(model: nn.Module, idx: Tensor, folder: Path) -> nn.Module:
+    """Save with `save_pretrained`, load with `from_pretrained`: the loaded model's logits on
+    idx equal the saved one's exactly. Returns the loaded model."""
+    with torch.no_grad():
+        before = model(idx).logits
+    adadepth.save_pretrained(model, folder)
+    loaded = adadepth.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, before)
+    return loaded

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from causality import assert_cached_decisions_match, assert_causal
+from causality import assert_cached_decisions_match, assert_causal, assert_round_trip
 from test_cache import BACKBONES, V, backbone, close, tokens
 from test_cli import assert_user_error
 
@@ -391,11 +391,7 @@ def test_from_pretrained_and_save_pretrained(tmp_path: Path) -> None:
         for router in model.routers:
             router.linear.weight.normal_()
             router.predictor[-1].bias.fill_(0.3)
-        before = model(idx).logits
-    adadepth.save_pretrained(model, tmp_path / "saved")
-    loaded = adadepth.from_pretrained(tmp_path / "saved")
-    with torch.no_grad():
-        assert isinstance(loaded, MixtureOfDepths) and torch.equal(loaded(idx).logits, before)
+    assert isinstance(assert_round_trip(model, idx, tmp_path / "saved"), MixtureOfDepths)
 
 
 @pytest.mark.parametrize("argv, match", [
