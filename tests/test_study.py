@@ -100,6 +100,19 @@ def test_bad_study_input_is_one_line_and_exit_2(argv: list[str], match: str, tmp
     assert not (tmp_path / "out" / RECORD).exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["ponder", "--report-only"], "the ponder study does not take --report-only"),
+    (["ensemble", "--corpus", "shakespeare"], "the ensemble study does not take --corpus"),
+    (["leaderboard", "--ablations"], "the leaderboard study does not take --ablations"),
+    (["aux-losses", "--methods", "mod"], "the aux-losses study does not take --methods"),
+])
+def test_another_studys_option_is_refused_not_ignored(argv: list[str], match: str,
+                                                      tmp_path: Path, capsys) -> None:
+    line = one_line_error(capsys, "study", *argv, "--out", tmp_path / "out")
+    assert match in line
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 def test_an_unreadable_corpus_file_is_refused(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "plays.txt"
     bad.write_bytes(b"\xff\xfe not utf-8 \xff")

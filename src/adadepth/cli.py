@@ -350,10 +350,12 @@ def build_parser() -> Parser:
     p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS",
-                   help="another scale's study folder or results.json for the across-scales "
-                   "table (repeatable; a clone's docs/studies/aux-losses-*/ are read anyway)")
+                   help="aux-losses: another scale's study folder or results.json for the "
+                   "across-scales table (repeatable; a clone's docs/studies/aux-losses-*/ are "
+                   "read anyway)")
     p.add_argument("--report-only", action="store_true",
-                   help="rewrite OUT/report.md from OUT/results.json, running nothing")
+                   help="aux-losses: rewrite OUT/report.md from OUT/results.json, running "
+                   "nothing")
     p.set_defaults(func=cmd_study)
     return parser
 

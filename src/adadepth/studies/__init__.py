@@ -54,11 +54,20 @@ def run_ponder(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 STUDIES = {"aux-losses": run_aux_losses, "ensemble": run_ensemble,
            "leaderboard": run_leaderboard, "ponder": run_ponder}
+# The options only some studies read; given to another, they are refused, not ignored (an
+# ignored --report-only would run a whole study).
+OPTIONS = {"aux-losses": {"steps", "ablations", "corpus", "compare", "report_only"},
+           "ensemble": {"steps", "ablations"}, "leaderboard": {"methods", "budgets"},
+           "ponder": {"steps"}}
 
 
 def run_study(args: argparse.Namespace) -> None:
     if args.name not in STUDIES:
         raise UserError(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}")
+    for option in sorted(set().union(*OPTIONS.values()) - OPTIONS[args.name]):
+        if getattr(args, option):
+            raise UserError(f"the {args.name} study does not take "
+                            f"--{option.replace('_', '-')}")
     out = Path(args.out or f"runs/study-{args.name}")
     summary = STUDIES[args.name](args, out)
     print(json.dumps({"out": str(out), **summary, "report": str(out / "report.md")}))
