@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from adadepth.config import ModelConfig
-from adadepth.generate import Sampler, generate
+from adadepth.depth.drafting import prepare
+from adadepth.generate import Draft, Round, generate
 from adadepth.model import KVCache, Transformer
 
 V = 30
@@ -37,25 +38,38 @@ class ModelDrafter(nn.Module):
     def speculator(self) -> ModelDrafter:
         return self
 
-    def draft(self, last: Tensor, cache: KVCache, positions: Tensor, n: int,
-              sample: Sampler) -> tuple[Tensor, Tensor | None]:
-        self.rounds += 1
-        out, probs, token, pos = [], [], last, positions.unsqueeze(1)
-        for _ in range(n):
-            logits = self.model(token, cache, positions=pos).logits[:, -1]
-            token, p = sample(logits)
+    def draft(self, rnd: Round, cache: KVCache) -> Draft:
+        out, probs, token = [], [], rnd.last
+        for k in range(min(self.draft_tokens, rnd.most)):
+            pos = rnd.positions.unsqueeze(1) + k
+            logits = self.logits(token, cache, pos, rnd)[:, -1]
+            token, p = rnd.sample(logits)
             if self.spoil:
-                noise = torch.randint(0, V, (len(self.spoil), 1), generator=self.gen)
+                spoil = [j for j, b in enumerate(self.rows(rnd)) if b in self.spoil]
+                noise = torch.randint(0, V, (len(spoil), 1), generator=self.gen)
                 token = token.clone()
-                token[self.spoil] = noise
+                token[spoil] = noise
             out.append(token)
             if p is not None:
                 probs.append(p)
-            pos = pos + 1
-        return torch.cat(out, 1), (torch.stack(probs, 1) if probs else None)
+        return Draft(torch.cat(out, 1), torch.stack(probs, 1) if probs else None)
 
-    def verify(self, tokens: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
-        return self.model(tokens, cache, positions=positions).logits
+    def verify(self, rnd: Round, draft: Draft, cache: KVCache) -> Tensor:
+        self.rounds += 1
+        tokens = torch.cat([rnd.last, draft.tokens], 1)
+        positions = rnd.positions.unsqueeze(1) + torch.arange(tokens.shape[1])
+        return self.logits(tokens, cache, positions, rnd)
+
+    @staticmethod
+    def rows(rnd: Round) -> list[int]:
+        return list(range(rnd.last.shape[0])) if rnd.rows is None else rnd.rows.tolist()
+
+    def logits(self, tokens: Tensor, cache: KVCache, positions: Tensor, rnd: Round) -> Tensor:
+        """The whole model on the round's rows (which may be fewer than the cache's)."""
+        x, ctx = prepare(self.model, tokens, cache, positions, rnd.rows)
+        for i in range(self.model.n_layers):
+            x = self.model.run_layer(i, x, ctx)
+        return self.model.head(x)
 
 
 def model(seed: int = 0) -> Transformer:

@@ -81,6 +81,10 @@ def test_the_measurement_counts_what_ran_drafts_verification_and_rejections() ->
     L, B, n = model.backbone.n_layers, 3, 20
     prompt = tokens(B, 5, seed=8)
     cache = model.new_cache(B, 5 + n + 5)
+    row_rounds = []  # rows that took part in each round
+    observe = model.observe
+    model.observe = lambda accepted, active: (row_rounds.append(int(active.sum())),
+                                              observe(accepted, active))
     with torch.no_grad():
         logits = model(prompt, cache, 0).logits[:, -1]
         seen = counting(model)
@@ -95,9 +99,10 @@ def test_the_measurement_counts_what_ran_drafts_verification_and_rejections() ->
     scores = 2 * 2.0 * context * model.cfg.n_heads * model.cfg.head_dim
     by_hand = (seen["blocks"] * (costs.layer + scores) + seen["heads"] * costs.head) / produced
     assert m.flops_per_token(context) == pytest.approx(by_hand)
-    # every token of a round passes every block once: L * (drafts + 1) per row and round
-    rounds = t.rounds
-    assert seen["blocks"] == L * (model.draft_tokens + 1) * B * rounds
+    # every token of a round passes every block once: L * (drafts + 1) per row and round; rows
+    # that have all their tokens leave the rounds and run nothing more
+    assert seen["blocks"] == L * (t.drafted + sum(row_rounds))
+    assert len(row_rounds) == t.rounds and row_rounds[-1] < B
     assert out.shape == (B, n)
     assert summary["acceptance_rate"] == pytest.approx(t.accepted / t.drafted)
 

@@ -11,7 +11,7 @@ min(1, p/q), else resample from max(0, p - q)), which keeps the full model's dis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -50,20 +50,45 @@ class Sampler:
         return self.draw(probs), probs
 
 
+@dataclass
+class Round:
+    """One draft-and-verify round, as the loop hands it to a speculator: per-call state that
+    travels in the call, never on the module."""
+
+    last: Tensor  # (B', 1) the token each row feeds next, at `positions`, not yet in the cache
+    positions: Tensor  # (B',) where `last` sits, per row
+    rows: Tensor | None  # (B',) the cache rows of this round; None = every row, in order
+    most: int  # draft at most this many tokens, >= 1 (the cap, the room left in the cache)
+    sample: Sampler
+
+    def select(self, t: Tensor) -> Tensor:
+        """The rows of this round of a tensor over every cache row."""
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+
+@dataclass
+class Draft:
+    """What a speculator drafted in a round, handed back to its own `verify`."""
+
+    tokens: Tensor  # (B', k) drafted tokens, k >= 0 (the speculator chooses k <= round.most)
+    probs: Tensor | None  # (B', k, V) the distributions they were drawn from; None when greedy
+    carry: Any = None  # what the speculator's verify may reuse (states, K/V it already wrote)
+
+
 class Speculator(Protocol):
     """Drafts with part of a model and verifies with all of it, over one shared cache."""
 
-    draft_tokens: int  # tokens drafted per round
+    draft_tokens: int  # the most tokens a round drafts (the cache keeps room for them)
 
-    def draft(self, last: Tensor, cache: KVCache, positions: Tensor, n: int,
-              sample: Sampler) -> tuple[Tensor, Tensor | None]:
-        """n tokens after `last` (B, 1), which sits at `positions` (B,): (B, n) tokens and their
-        draft probabilities (B, n, V) (None when greedy). May write K/V of the early layers."""
+    def draft(self, rnd: Round, cache: KVCache) -> Draft:
+        """Tokens after `rnd.last`, each row at its own position. May write K/V in the cache at
+        the positions it feeds; the verify pass must leave every layer's K/V at the positions
+        it keeps exactly as the full model computes them."""
         ...
 
-    def verify(self, tokens: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
-        """Full-model logits (B, n+1, V) of `tokens` (B, n+1) at `positions` (B, n+1), writing
-        every layer's K/V at those positions."""
+    def verify(self, rnd: Round, draft: Draft, cache: KVCache) -> Tensor:
+        """Full-model logits (B', k+1, V) of [last, drafted tokens] at positions
+        `rnd.positions + 0..k`, writing every layer's K/V there."""
         ...
 
     # Optional: `observe(accepted (B,), active (B,) bool)` is called after every round with the
@@ -129,34 +154,49 @@ def decode(model: nn.Module, cache: KVCache, logits: Tensor, start: int, n: int,
     return torch.cat(out, dim=1)
 
 
-def speculative(spec: Speculator, cache: KVCache, logits: Tensor, start: int, n: int,
+def speculative(spec: Speculator, cache: KVCache, logits: Tensor, start: int | Tensor, n: int,
                 sample: Sampler) -> Tensor:
-    """n tokens per row by draft-and-verify rounds, every row at its own position."""
+    """n tokens per row by draft-and-verify rounds, every row at its own position.
+
+    `start` is where each row's first new token goes (an int, or (B,) for prompts of different
+    lengths). Rows that have their n tokens leave the rounds: later drafts and verify passes run
+    on the other rows alone (`Round.rows`)."""
     batch, device = logits.shape[0], logits.device
-    last = sample(logits)[0]  # (B, 1): the next token, at position `pos`, not yet in the cache
-    pos = torch.full((batch,), start, dtype=torch.long, device=device)
+    last = sample(logits)[0]  # (B, 1): the next token, at `pos`, not yet in the cache
+    pos = torch.as_tensor(start, dtype=torch.long, device=device).expand(batch).clone()
     out: list[list[int]] = [[t] for t in last[:, 0].tolist()]
-    limit = cache.max_len - spec.draft_tokens - 1  # a row never writes past the cache
-    while min(len(row) for row in out) < n:
-        k = spec.draft_tokens
-        draft, q = spec.draft(last, cache, pos, k, sample)
-        tokens = torch.cat([last, draft], dim=1)
-        positions = pos.unsqueeze(1) + torch.arange(k + 1, device=device)
-        p_logits = spec.verify(tokens, cache, positions)
-        accepted, nxt = accept(draft, q, p_logits, sample)
-        done = torch.tensor([len(row) >= n for row in out], device=device)
-        accepted = accepted.masked_fill(done, 0)
+    end = [int(p) + n - 1 for p in pos.tolist()]  # the position of a row's last new token
+    while True:
+        active = [b for b in range(batch) if len(out[b]) < n]
+        if not active:
+            break
+        rows = None if len(active) == batch else torch.tensor(active, device=device)
+        # A round of k drafts makes up to k + 1 tokens: no row needs more drafts than it has
+        # tokens left to make, less one; nor may a row write past the cache (the verify pass
+        # writes one position beyond the drafts).
+        here = pos.tolist()
+        most = min(spec.draft_tokens, max(end[b] - here[b] - 1 for b in active),
+                   min(cache.max_len - 1 - here[b] for b in active))
+        rnd = Round(last if rows is None else last.index_select(0, rows),
+                    pos if rows is None else pos.index_select(0, rows), rows, max(most, 0),
+                    sample)
+        # With no room to draft, the round is one plain step of the full model.
+        draft = spec.draft(rnd, cache) if rnd.most else Draft(rnd.last[:, :0], None)
+        p_logits = spec.verify(rnd, draft, cache)
+        kept, nxt = accept(draft.tokens, draft.probs, p_logits, sample)
+        accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        index = torch.tensor(active, device=device)
+        accepted[index] = kept
         observe = getattr(spec, "observe", None)
         if observe is not None:
-            observe(accepted, ~done)
-        for b in range(batch):
-            if done[b]:
-                continue
-            a = int(accepted[b])
-            out[b].extend(draft[b, :a].tolist() + [int(nxt[b])])
-        advance = torch.where(done, torch.zeros_like(pos), accepted + 1)
-        pos = torch.minimum(pos + advance, torch.full_like(pos, limit))
-        last = torch.where(done.unsqueeze(1), last, nxt.unsqueeze(1))
+            flags = torch.zeros(batch, dtype=torch.bool, device=device)
+            flags[index] = True
+            observe(accepted, flags)
+        drafted, kept_list, nxt_list = draft.tokens.tolist(), kept.tolist(), nxt.tolist()
+        for j, b in enumerate(active):
+            out[b].extend(drafted[j][:kept_list[j]] + [nxt_list[j]])
+        pos[index] += kept + 1
+        last[index] = nxt.unsqueeze(1)
         cache.truncate(pos)  # positions >= pos held rejected drafts (or nothing yet)
     return torch.tensor([row[:n] for row in out], dtype=torch.long, device=device)
 
@@ -165,28 +205,34 @@ def accept(draft: Tensor, q: Tensor | None, p_logits: Tensor,
            sample: Sampler) -> tuple[Tensor, Tensor]:
     """How many drafted tokens each row keeps (B,), and the token that follows them (B,).
 
-    Greedy (q is None): the longest prefix the full model's argmax agrees with, then its argmax.
-    Otherwise speculative sampling with the sampler's own temperature and top-k."""
+    Greedy: the longest prefix the full model's argmax agrees with, then its argmax. Otherwise
+    speculative sampling with the sampler's own temperature and top-k (q is None only when
+    nothing was drafted)."""
     k = draft.shape[1]
-    if q is None:
+    if sample.greedy:
         target = p_logits.argmax(-1)  # (B, k+1)
         ok = (draft == target[:, :k]).long().cumprod(1)
         accepted = ok.sum(1)
         return accepted, target.gather(1, accepted.unsqueeze(1)).squeeze(1)
     batch = draft.shape[0]
     p = sample.probs(p_logits)  # (B, k+1, V)
+    if q is None:
+        q = torch.zeros_like(p[:, :k])
     p_draft = p[:, :k].gather(2, draft.unsqueeze(-1)).squeeze(-1)
     q_draft = q.gather(2, draft.unsqueeze(-1)).squeeze(-1)
     u = torch.rand(batch, k, device=draft.device, generator=sample.generator)
     keep = u < (p_draft / q_draft.clamp_min(1e-12))
     accepted = keep.long().cumprod(1).sum(1)
-    nxt = torch.empty(batch, dtype=torch.long, device=draft.device)
-    for b in range(batch):
-        a = int(accepted[b])
-        if a == k:  # every draft kept: a bonus token from the full model
-            dist = p[b, k]
-        else:  # the first rejected position: resample from what the draft under-weighted
-            residual = (p[b, a] - q[b, a]).clamp_min(0)
-            dist = residual / residual.sum() if residual.sum() > 0 else p[b, a]
-        nxt[b] = sample.draw(dist.unsqueeze(0)).squeeze()
+    # At the first rejected position, resample from what the draft under-weighted,
+    # max(0, p - q) normalised; where every draft was kept, a bonus token from p itself.
+    at = accepted.view(batch, 1, 1).expand(batch, 1, p.shape[-1])
+    p_at = p.gather(1, at).squeeze(1)  # (B, V)
+    if k:
+        residual = (p_at - q.gather(1, at.clamp_max(k - 1)).squeeze(1)).clamp_min(0)
+    else:
+        residual = p_at
+    mass = residual.sum(-1, keepdim=True)
+    rejected = (accepted < k).unsqueeze(1) & (mass > 0)
+    dist = torch.where(rejected, residual / mass.clamp_min(1e-30), p_at)
+    nxt = sample.draw(dist).squeeze(1)
     return accepted, nxt

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
+from adadepth.depth.drafting import prepare, verify_reusing
 from adadepth.depth.exits import (
     ExitHeads,
     ExitMethod,
@@ -45,8 +46,8 @@ from adadepth.depth.exits import (
 from adadepth.depth.method import Knob, Measurement, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.generate import Sampler
-from adadepth.model import Context, KVCache, Output, causal_lm_loss
+from adadepth.generate import Draft, Round
+from adadepth.model import KVCache, Output, causal_lm_loss
 
 
 class LayerSkipConfig(Strict):
@@ -76,17 +77,6 @@ def default_sweep(n_layers: int) -> tuple[float, ...]:
                          for f in (0.25, 0.5, 0.75)}))
 
 
-def where(positions: Tensor) -> dict[str, Any]:
-    """`prepare`'s position arguments for tokens at `positions` (B, T): a plain start when
-    every row is at the same consecutive places (the cache then stays contiguous and attention
-    needs no mask, as in plain decoding), else the positions of each row."""
-    first = positions[:1]
-    steps = torch.arange(first.shape[1], device=first.device)
-    if bool((positions == first).all()) and bool((first == first[0, 0] + steps).all()):
-        return {"start": int(first[0, 0])}
-    return {"positions": positions}
-
-
 class LayerSkipModel(ExitMethod):
     """A backbone trained to exit early, decoding by drafting with its first E layers."""
 
@@ -109,7 +99,6 @@ class LayerSkipModel(ExitMethod):
         self.costs = UnitCosts.of(backbone.cfg)
         self.total_steps: int | None = None
         self.from_scratch = False
-        self.pending: tuple[Tensor, Tensor] | None = None  # the last draft's positions, states
 
     # -- inference ----------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
@@ -135,51 +124,37 @@ class LayerSkipModel(ExitMethod):
     def draft_tokens(self) -> int:
         return self.lcfg.draft_tokens
 
-    def draft(self, last: Tensor, cache: KVCache, positions: Tensor, n: int,
-              sample: Sampler) -> tuple[Tensor, Tensor | None]:
-        """n tokens after `last`, each from the first E blocks and the shared head; their
-        states at block E are kept for the verify pass (LayerSkip's exit query cache)."""
-        bb, E, B = self.backbone, self.exit_layer, last.shape[0]
-        token, place = last, where(positions.unsqueeze(1))
+    def draft(self, rnd: Round, cache: KVCache) -> Draft:
+        """`draft_tokens` tokens after `rnd.last` (fewer if the round allows fewer), each
+        from the first E blocks and the shared head; their states at block E travel with the
+        draft to the verify pass (LayerSkip's exit query cache)."""
+        bb, E, B = self.backbone, self.exit_layer, rnd.last.shape[0]
+        n = min(self.lcfg.draft_tokens, rnd.most)
+        token = rnd.last
         drafts, probs, states = [], [], []
         for k in range(n):
-            x, ctx = bb.prepare(token, cache, **{key: at + k for key, at in place.items()})
+            x, ctx = prepare(bb, token, cache, rnd.positions.unsqueeze(1) + k, rnd.rows)
             for i in range(E):
                 x = bb.run_layer(i, x, ctx)
             states.append(x)
-            token, p = sample(self.heads.logits(bb, E - 1, x)[:, -1])
+            token, p = rnd.sample(self.heads.logits(bb, E - 1, x)[:, -1])
             drafts.append(token)
             if p is not None:
                 probs.append(p)
         self.tally.layers += B * n * E
         self.tally.heads += B * n
-        self.pending = (positions.clone(), torch.cat(states, 1))
-        return torch.cat(drafts, 1), (torch.stack(probs, 1) if probs else None)
+        self.tally.drafted += B * n
+        return Draft(torch.cat(drafts, 1), torch.stack(probs, 1) if probs else None,
+                     torch.cat(states, 1))
 
-    def verify(self, tokens: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
-        """Full-model logits of `tokens`: blocks 0..E-1 for the last drafted token alone (the
-        others' K/V and states come from the draft), then blocks E..L-1 for all of them."""
-        bb, B, width = self.backbone, *tokens.shape
-        pending, self.pending = self.pending, None
-        E = self.exit_layer
-        if (pending is None or pending[1].shape[1] != width - 1
-                or not torch.equal(pending[0], positions[:, 0])):
-            E = 0  # nothing drafted to reuse: the full model from the first block
-            h, ctx = bb.prepare(tokens, cache, **where(positions))
-        else:
-            x, ctx = bb.prepare(tokens[:, -1:], cache, **where(positions[:, -1:]))
-            for i in range(E):
-                x = bb.run_layer(i, x, ctx)
-            h = torch.cat([pending[1], x], 1)
-            start = where(positions).get("start")
-            ctx = (Context.at(positions, cache) if start is None
-                   else Context.block(start, width, h.device, cache))
-            self.tally.layers += B * E
-        for i in range(E, bb.n_layers):
-            h = bb.run_layer(i, h, ctx)
-        self.tally.layers += B * width * (bb.n_layers - E)
-        self.tally.heads += B * width
-        return bb.head(h)
+    def verify(self, rnd: Round, draft: Draft, cache: KVCache) -> Tensor:
+        """Full-model logits of [last, drafts]: blocks 0..E-1 for the last drafted token alone
+        (the others' K/V and states come from the draft), then blocks E..L-1 for all of them."""
+        h, blocks = verify_reusing(self.backbone, rnd, draft.tokens, draft.carry,
+                                   self.exit_layer, cache)
+        self.tally.layers += blocks
+        self.tally.heads += h.shape[0] * h.shape[1]
+        return self.backbone.head(h)
 
     def observe(self, accepted: Tensor, active: Tensor) -> None:
         """What a round kept: drafted tokens accepted per row, and which rows still generate."""
@@ -188,7 +163,6 @@ class LayerSkipModel(ExitMethod):
         self.tally.tokens += kept + rows  # the accepted drafts and the verifier's next token
         self.tally.depth += (kept + rows) * self.backbone.n_layers
         self.tally.accepted += kept
-        self.tally.drafted += rows * self.lcfg.draft_tokens
         self.tally.rounds += 1
 
     # -- training -----------------------------------------------------------------------------
