@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from adadepth.errors import UserError
 from adadepth.model import KVCache
 
 
@@ -133,6 +134,37 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: fl
     return torch.cat([idx, new], dim=1)
 
 
+@torch.no_grad()
+def generate_many(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """Each prompt extended by max_new_tokens, prompts of different lengths in one batch: they
+    are prefilled together (right-padded; the padding's K/V are then invalidated) and every row
+    decodes at its own positions, speculatively if the model has a speculator."""
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) == 0:
+        raise UserError("every prompt needs at least one token")
+    longest, max_len = max(lengths), model.cfg.max_seq_len
+    if longest + max_new_tokens > max_len:
+        raise UserError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds "
+                        f"the model's context of {max_len}")
+    device = next(model.parameters()).device
+    idx = torch.tensor([p + p[-1:] * (longest - len(p)) for p in prompts], device=device)
+    at = torch.tensor(lengths, device=device)
+    sample = Sampler(temperature, top_k, generator)
+    speculator = getattr(model, "speculator", None)
+    extra = speculator.draft_tokens + 1 if speculator is not None else 0
+    cache = model.new_cache(len(prompts), min(max_len, longest + max_new_tokens + extra))
+    logits = model(idx, cache, 0).logits
+    cache.truncate(at)  # the padding's positions hold nothing any row may attend to
+    logits = logits[torch.arange(len(prompts), device=device), at - 1]
+    if speculator is not None:
+        new = speculative(speculator, cache, logits, at, max_new_tokens, sample)
+    else:
+        new = decode(model, cache, logits, at, max_new_tokens, sample)
+    return [p + row for p, row in zip(prompts, new.tolist(), strict=True)]
+
+
 def record_depth(model: nn.Module, depth: list[Tensor] | None) -> None:
     token_depth = getattr(model, "token_depth", None)
     if depth is not None and callable(token_depth):
@@ -141,15 +173,18 @@ def record_depth(model: nn.Module, depth: list[Tensor] | None) -> None:
             depth.append(value.detach().float().cpu())
 
 
-def decode(model: nn.Module, cache: KVCache, logits: Tensor, start: int, n: int,
+def decode(model: nn.Module, cache: KVCache, logits: Tensor, start: int | Tensor, n: int,
            sample: Sampler, depth: list[Tensor] | None = None) -> Tensor:
-    """n tokens, one cached forward each, after a prefill that ended at position start - 1."""
+    """n tokens, one cached forward each, after a prefill that ended at position start - 1
+    (an int, or (B,) for rows of different lengths)."""
     out = []
     for step in range(n):
         token = sample(logits)[0]
         out.append(token)
         if step + 1 < n:
-            logits = model(token, cache, start + step).logits[:, -1]
+            at = ({"start": start + step} if isinstance(start, int)
+                  else {"positions": (start + step).unsqueeze(1)})
+            logits = model(token, cache, **at).logits[:, -1]
             record_depth(model, depth)
     return torch.cat(out, dim=1)
 

@@ -14,6 +14,7 @@ from adadepth.depth import (  # noqa: F401
     mod,
     ponder,
     routing,
+    selfspec,
     static_skip,
 )
 from adadepth.depth.method import Method, MethodSpec
