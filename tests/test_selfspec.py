@@ -270,6 +270,34 @@ def test_distillation_trains_only_the_adapter_and_lowers_the_kl() -> None:
         model.set_trainable(from_scratch=True)
 
 
+def test_from_pretrained_and_save_pretrained_keep_the_draft(tmp_path: Path) -> None:
+    """A transformers model in, a self-spec model out and back: the trained adapter and what
+    calibration chose (skip set, threshold, cap, draft vocabulary) survive the round trip."""
+    from causality import assert_round_trip
+
+    import adadepth
+
+    bb = llama(300, [2])
+    model = adadepth.from_pretrained(bb.hf, method="self-spec", drafter="exit", exit_layer=2,
+                                     draft_vocab=50)
+    assert isinstance(model, SelfSpec)
+    with_live_adapter(model)
+    with torch.no_grad():
+        model.choose_vocab(torch.randint(0, 300, (2, 20), generator=torch.Generator()
+                                         .manual_seed(3)))
+    model.set_policy(0.35, 5)
+    loaded = assert_round_trip(model, torch.randint(0, 300, (2, 7)), tmp_path / "saved")
+    assert isinstance(loaded, SelfSpec)
+    assert (loaded.threshold, loaded.cap) == (pytest.approx(0.35), 5)
+    assert torch.equal(loaded.vocab, model.vocab)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.adapter.parameters(),
+                                                 model.adapter.parameters(), strict=True))
+    with torch.no_grad():
+        expected = generate(bb, torch.tensor([PROMPTS[0]]), 12, temperature=0.0)
+        assert torch.equal(generate(loaded, torch.tensor([PROMPTS[0]]), 12, temperature=0.0),
+                           expected)
+
+
 # -- runs, end to end -----------------------------------------------------------------------------
 def llama_dir(folder: Path) -> Path:
     """A tiny random Llama with the GPT-2 tokenizer (50,257 tokens), saved as a transformers
