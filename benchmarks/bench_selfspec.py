@@ -86,8 +86,9 @@ def ensure_runs(out: Path, fit_steps: int, threads: int, corpus: Path) -> dict[s
               "train.log_interval=5", "train.ckpt_interval=25", f"train.threads={threads}"]
     runs = {"skip": out / "selfspec-skip", "exit": out / "selfspec-exit6"}
     if not (runs["skip"] / "metrics.json").exists():
+        # nothing trains: more held-out windows, whose tokens choose the draft vocabulary
         run_or_exit(["fit", "--method", "self-spec", "--out", str(runs["skip"]), *common,
-                     "self-spec.drafter=skip"])
+                     "train.eval_batches=16", "self-spec.drafter=skip"])
     if not (runs["exit"] / "metrics.json").exists():
         run_or_exit(["fit", "--method", "self-spec", "--steps", str(fit_steps), "--out",
                      str(runs["exit"]), "--resume", *common, "optim.warmup_steps=20",
@@ -216,6 +217,22 @@ def main() -> None:
                     row["setting"] = {k: timed_rounds[0][k] for k in
                                       ("skip", "exit_layer", "threshold", "draft_tokens")}
                 rows.append(row)
+        # where a round's time goes: one draft step, and a verify pass of k+1 tokens per row,
+        # each against one dense decoding step (a verify pass of 1 token), at each batch size
+        costs = {}
+        for name, model in ours.items():
+            for batch in batches:
+                t = model.timings(prompts[:batch])
+                costs[f"{name} batch {batch}"] = {
+                    "dense_step_s": t["verify_s"][0], "draft_step_s": model.draft_step_s(t),
+                    "draft_layers": len(model.kept), "verify_s": t["verify_s"],
+                    "draft_step_over_dense": model.draft_step_s(t) / t["verify_s"][0],
+                    "verify_over_dense": [v / t["verify_s"][0] for v in t["verify_s"]]}
+                print(f"{name} batch {batch}: draft step {1e3 * model.draft_step_s(t):.1f} ms, "
+                      f"dense step {1e3 * t['verify_s'][0]:.1f} ms, verify of 2..9 tokens/row "
+                      + ", ".join(f"{1e3 * v:.0f}" for v in t["verify_s"][1:]) + " ms",
+                      flush=True)
+        result["costs"] = costs
     result["rows"] = rows
     result["load_after"] = machine_load()
     (out / "bench_selfspec.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -93,6 +93,31 @@ def test_greedy_is_exactly_the_dense_models(options: dict, quiet: list[int],
         assert m.summary()["drafted_per_round"] > 2
 
 
+def test_draft_length_follows_the_drafts_confidence() -> None:
+    """Threshold 1: every drafted token is below it, so each round drafts one token; threshold
+    0: rounds draft the cap (less only where the rows need fewer); at the median of the draft's
+    confidences, rounds stop on their own, in between; the output is the dense model's
+    throughout."""
+    bb = llama(BIG_V, [1])
+    with torch.no_grad():
+        bb.hf.lm_head.weight.mul_(60)  # peaked distributions: confidences that vary
+    expected = generate(bb, torch.tensor(PROMPTS[:1]), 30, temperature=0.0)
+    probe = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1], draft_vocab=0)).eval()
+    _, conf = probe.teacher_forced(expected)
+    drafted = {}
+    for threshold in (1.0, 0.0, float(conf.median())):
+        model = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1], threshold=threshold,
+                                            draft_tokens=4, draft_vocab=0)).eval()
+        with torch.no_grad(), model.measure() as m:
+            got = generate_many(model, PROMPTS[:1], 30, temperature=0.0)
+        assert got[0] == expected[0].tolist()
+        drafted[threshold] = m.summary()["drafted_per_round"]
+    median = float(conf.median())
+    assert drafted[1.0] == 1.0
+    assert drafted[0.0] > 3
+    assert 1.0 < drafted[median] < drafted[0.0]
+
+
 def test_the_draft_vocabulary_is_a_subset_and_still_exact() -> None:
     """Drafting over the 512 most frequent tokens of some text: still the dense output."""
     bb = llama(BIG_V, [3])

@@ -436,12 +436,14 @@ class SelfSpec(Method):
         return x, exact
 
     def draft(self, rnd: Round, cache: KVCache) -> Draft:
-        """Up to the cap, stopping once every row's last drafted token had a draft probability
-        below the threshold (that token is still verified)."""
+        """Up to the cap, stopping once every row has drafted a token whose draft probability
+        is below the threshold (that token is still verified; a row past its own stop keeps
+        drafting while others go on, for free in a batch, and its drafts are verified too)."""
         B, V = rnd.last.shape[0], self.backbone.cfg.vocab_size
         n = min(self.cap, rnd.most)
         token = rnd.last
         drafts, probs, states = [], [], []
+        going = torch.ones(B, dtype=torch.bool, device=token.device)
         for k in range(n):
             x, ctx = prepare(self.backbone, token, cache, rnd.positions.unsqueeze(1) + k,
                              rnd.rows)
@@ -459,7 +461,8 @@ class SelfSpec(Method):
                         1, self.vocab, q)
                 probs.append(q)
             drafts.append(token)
-            if k + 1 < n and not bool((confidence >= self.threshold).any()):
+            going &= confidence >= self.threshold
+            if k + 1 < n and not bool(going.any()):
                 n = k + 1
                 break
         self.tally.layers += B * n * len(self.kept)
@@ -588,13 +591,14 @@ class SelfSpec(Method):
 
     @torch.no_grad()
     def timings(self, prompt: Tensor, reps: int = 5) -> dict[str, Any]:
-        """Seconds, on this machine at batch 1 and the present thread count, of: a draft step per
-        layer it runs, of its head and adapter, and of a verify pass of 1..CAPS[-1]+1 tokens
-        (the full model on them, head included): what the search's estimate is built from."""
+        """Seconds, on this machine at the batch of `prompt` (B, T) and the present thread count,
+        of: a draft step per layer it runs, of its head and adapter, and of a verify pass of
+        1..CAPS[-1]+1 tokens per row (the full model on them, head included): what the search's
+        estimate is built from (at batch 1)."""
         bb = self.backbone
-        T = prompt.shape[1]
+        B, T = prompt.shape
         width = max(CAPS) + 1
-        cache = self.new_cache(1, T + width + 1)
+        cache = self.new_cache(B, T + width + 1)
         self(prompt, cache, 0)
 
         def median(fn: Callable[[], object]) -> float:
@@ -624,7 +628,7 @@ class SelfSpec(Method):
             adapter = median(run_adapter)
         verify = []
         for n in range(1, width + 1):
-            tokens = prompt[:, :n] if n <= T else prompt[:, :1].expand(1, n)
+            tokens = prompt[:, :n] if n <= T else prompt[:, :1].expand(B, n)
 
             def run_verify(tokens: Tensor = tokens) -> None:
                 x, ctx = bb.prepare(tokens, cache, T)
