@@ -367,8 +367,10 @@ def test_the_search_is_stored_in_the_run(runs_dir: dict[str, Path]) -> None:
     path = metrics["search_path"]
     assert [len(r["skip"]) for r in path] == list(range(1, len(path) + 1))
     assert path[0]["skip"] == [2]  # the layer that barely moves the residual goes first
-    assert all("estimated_speedup" in r for r in path)
-    assert all("measured_speedup" in r for r in metrics["finalists"])
+    assert all(r["policies"] and "estimated_speedup" in r["policies"][0] for r in path)
+    finalists = metrics["finalists"]
+    assert len(finalists) == 4 and all("measured_speedup" in r for r in finalists)
+    assert metrics["chosen"] == max(finalists, key=lambda r: r["measured_speedup"])
     model = load_run(runs_dir["skip"]).model
     assert isinstance(model, SelfSpec)
     assert model.skipped() == metrics["skip"] and model.cap == metrics["draft_tokens"]

@@ -90,8 +90,9 @@ class SelfSpecConfig(Strict):
     timed_prompts: NonNegativeInt = Field(2, description="held-out prompts the finalists are "
                                           "timed on, decoding against the dense model; 0 = "
                                           "choose on the estimate alone")
-    timed_tokens: PositiveInt = Field(32, description="new tokens per timed prompt")
-    finalists: PositiveInt = Field(3, description="candidates timed by real decoding")
+    timed_tokens: PositiveInt = Field(48, description="new tokens per timed prompt")
+    finalists: PositiveInt = Field(4, description="candidates (draft, threshold, cap) timed "
+                                   "by real decoding")
     distill_chunk: PositiveInt = Field(1024, description="positions per chunk of the "
                                        "distillation loss (never a whole batch's logits)")
 
@@ -671,14 +672,15 @@ class SelfSpec(Method):
         return {"threshold": threshold, "draft_tokens": cap, "tokens_per_round": made / rounds,
                 "acceptance_rate": kept / max(drafted, 1), "estimated_speedup": dense / seconds}
 
-    def best_policy(self, agree: Tensor, conf: Tensor, t: dict[str, Any]) -> dict[str, float]:
-        """The threshold and cap of the highest estimated speedup (fixed ones if configured)."""
+    def policies(self, agree: Tensor, conf: Tensor, t: dict[str, Any]) -> list[dict[str, float]]:
+        """For every cap (or the configured one), the threshold (or the configured one) of the
+        highest estimated speedup; best first."""
         caps = [self.scfg.draft_tokens] if self.scfg.draft_tokens else list(CAPS)
         thresholds = [self.scfg.threshold] if self.scfg.threshold is not None else THRESHOLDS
         step = self.draft_step_s(t)
-        return max((self.simulate(agree, conf, th, c, step, t["verify_s"])
-                    for c in caps for th in thresholds),
-                   key=lambda r: r["estimated_speedup"])
+        best = [max((self.simulate(agree, conf, th, c, step, t["verify_s"]) for th in thresholds),
+                    key=lambda r: r["estimated_speedup"]) for c in caps]
+        return sorted(best, key=lambda r: -r["estimated_speedup"])
 
     def search_skip(self, windows: Tensor, t: dict[str, Any]) -> list[dict[str, Any]]:
         """Greedy: from no layer skipped, add at each step the layer whose removal keeps the
@@ -706,7 +708,7 @@ class SelfSpec(Method):
             agree, conf = results[layer]
             self.set_skip(chosen)
             path.append({"skip": sorted(chosen), "agreement": score[layer],
-                         **self.best_policy(agree, conf, t)})
+                         "policies": self.policies(agree, conf, t)})
         return path
 
     def timed_speedup(self, prompts: Tensor, new: int, reps: int = 3) -> tuple[float, float]:
@@ -763,8 +765,12 @@ class SelfSpec(Method):
         else:
             agree, conf = self.teacher_forced(windows)
             path = [{"skip": self.skipped(), "agreement": float(agree.float().mean()),
-                     **self.best_policy(agree, conf, t)}]
-        ranked = sorted(path, key=lambda r: -r["estimated_speedup"])[:cfg.finalists]
+                     "policies": self.policies(agree, conf, t)}]
+        # The finalists: the best estimates over every draft and cap, one threshold per pair
+        # (estimates rank well but err: timing several caps is what finds the fast one).
+        candidates = [{"skip": entry["skip"], "agreement": entry["agreement"], **policy}
+                      for entry in path for policy in entry["policies"]]
+        ranked = sorted(candidates, key=lambda r: -r["estimated_speedup"])[:cfg.finalists]
         for entry in ranked:
             if cfg.timed_prompts:
                 self.apply(entry)
