@@ -57,10 +57,11 @@ def machine_load() -> dict[str, Any]:
                         for line in top if line.split()[0] != mine]}
 
 
-def distill_corpus(path: Path, docs: int, new_tokens: int, batch: int = 32) -> None:
+def distill_corpus(path: Path, docs: int, new_tokens: int, batch: int = 64) -> None:
     """The model's own greedy continuations of 32-token windows of tiny-shakespeare's *train*
     split (the benchmark's prompts come from its validation split), one JSON line per window:
-    the text a drafter meets when the model decodes greedily (self-distillation data)."""
+    the text a drafter meets when the model decodes greedily (self-distillation data). The
+    windows start every len(train) / docs tokens."""
     loaded = load_run(backbones.ensure_backbone("smollm2-135m"))
     model, tok = loaded.model, loaded.tokenizer
     train = prepare_tokens(load_corpus("tiny-shakespeare"), tok).split("train")
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--fit-steps", type=int, default=400)
     parser.add_argument("--hf-exits", default="4,8,15,22")
-    parser.add_argument("--distill-docs", type=int, default=512)
+    parser.add_argument("--distill-docs", type=int, default=1536)
     parser.add_argument("--distill-tokens", type=int, default=160)
     parser.add_argument("--out", default="runs/bench-selfspec")
     args = parser.parse_args()

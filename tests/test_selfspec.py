@@ -375,6 +375,12 @@ def test_the_search_is_stored_in_the_run(runs_dir: dict[str, Path]) -> None:
     assert isinstance(model, SelfSpec)
     assert model.skipped() == metrics["skip"] and model.cap == metrics["draft_tokens"]
     assert model.threshold == pytest.approx(metrics["threshold"])
+    # batches have their own cap, timed at batch 4 here (2 x 2 held-out windows)
+    batched = metrics["batched_finalists"]
+    assert {r["draft_tokens"] for r in batched} == {1, 2, 3, 4, 6, 8}
+    assert all(r["batch"] == 4 for r in batched)
+    assert model.batched_cap == metrics["batched_draft_tokens"] == max(
+        batched, key=lambda r: r["measured_speedup"])["draft_tokens"]
     assert len(model.vocab) == 2048 and int(model.vocab.max()) < 50257
     assert not model.backbone_trained() and metrics["trainable_parameters"] == 0
 

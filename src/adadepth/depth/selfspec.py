@@ -310,9 +310,10 @@ class SelfSpec(Method):
         self.register_buffer("skip_mask", torch.zeros(L, dtype=torch.bool))
         self.register_buffer("vocab", torch.arange(n_vocab))
         self.register_buffer("counts", torch.zeros(V, dtype=torch.float64))
+        # (threshold, cap) at batch 1 and for larger batches, whose verify passes cost more
         self.register_buffer("policy", torch.tensor([
             cfg.threshold if cfg.threshold is not None else 0.5,
-            float(cfg.draft_tokens or 4)]))
+            float(cfg.draft_tokens or 4)]).repeat(2, 1))
         if cfg.skip is not None:
             self.skip_mask[cfg.skip] = True
         elif cfg.drafter == "skip":  # until the search: every other layer of the middle half
@@ -336,12 +337,16 @@ class SelfSpec(Method):
         else:
             self.kept = list(range(self.exit_layer))
             self.exact = self.exit_layer
-        self.threshold = float(self.policy[0])
-        self.cap = int(self.policy[1])
+        (self.threshold, cap), (self.batched_threshold, batched_cap) = self.policy.tolist()
+        self.cap, self.batched_cap = int(cap), int(batched_cap)
         self.full_vocab = len(self.vocab) == self.backbone.cfg.vocab_size
 
-    def set_policy(self, threshold: float, cap: int) -> None:
-        self.policy.copy_(torch.tensor([threshold, float(cap)]))
+    def set_policy(self, threshold: float, cap: int, batched: bool | None = None) -> None:
+        """The threshold and cap at batch 1 (batched False), for larger batches (True), or both
+        (None)."""
+        rows = [0, 1] if batched is None else [int(batched)]
+        self.policy[rows] = torch.tensor([threshold, float(cap)], dtype=self.policy.dtype,
+                                         device=self.policy.device)
         self.refresh()
 
     def set_skip(self, layers: list[int]) -> None:
@@ -409,7 +414,7 @@ class SelfSpec(Method):
 
     @property
     def draft_tokens(self) -> int:
-        return self.cap
+        return max(self.cap, self.batched_cap)
 
     def draft_head(self, x: Tensor) -> Tensor:
         """Logits of the draft over the draft vocabulary, from its last state (B, T, d)."""
@@ -441,7 +446,10 @@ class SelfSpec(Method):
         is below the threshold (that token is still verified; a row past its own stop keeps
         drafting while others go on, for free in a batch, and its drafts are verified too)."""
         B, V = rnd.last.shape[0], self.backbone.cfg.vocab_size
-        n = min(self.cap, rnd.most)
+        # the policy of the batch the generation started with (rows leave as they finish)
+        threshold, cap = ((self.batched_threshold, self.batched_cap) if cache.batch > 1
+                          else (self.threshold, self.cap))
+        n = min(cap, rnd.most)
         token = rnd.last
         drafts, probs, states = [], [], []
         going = torch.ones(B, dtype=torch.bool, device=token.device)
@@ -462,7 +470,7 @@ class SelfSpec(Method):
                         1, self.vocab, q)
                 probs.append(q)
             drafts.append(token)
-            going &= confidence >= self.threshold
+            going &= confidence >= threshold
             if k + 1 < n and not bool(going.any()):
                 n = k + 1
                 break
@@ -711,18 +719,20 @@ class SelfSpec(Method):
                          "policies": self.policies(agree, conf, t)})
         return path
 
-    def timed_speedup(self, prompts: Tensor, new: int, reps: int = 3) -> tuple[float, float]:
+    def timed_speedup(self, prompts: Tensor, new: int, reps: int = 3,
+                      batch: int = 1) -> tuple[float, float]:
         """Measured: median over interleaved rounds of dense / speculative greedy decoding time
-        of `new` tokens per prompt (batch 1 each), and the acceptance rate; refuses to go on if
-        the outputs differ (that would be a bug, not a slow setting)."""
+        of `new` tokens per prompt (`batch` prompts at a time), and the acceptance rate; refuses
+        to go on if the outputs differ (that would be a bug, not a slow setting)."""
         ratios, accepted, drafted = [], 0, 0
+        room = self.draft_tokens + 1
         for rep in range(reps + 1):
             dense_s = spec_s = 0.0
-            for prompt in prompts.split(1):
+            for prompt in prompts.split(batch):
                 for speculate in ((False, True) if rep % 2 else (True, False)):
-                    cache = (self.backbone.new_cache(1, prompt.shape[1] + new + self.cap + 1)
-                             if not speculate else self.new_cache(1, prompt.shape[1] + new
-                                                                  + self.cap + 1))
+                    rows, length = prompt.shape[0], prompt.shape[1] + new + room
+                    cache = (self.new_cache(rows, length) if speculate
+                             else self.backbone.new_cache(rows, length))
                     before = self.tally.copy()
                     t0 = time.perf_counter()
                     if speculate:
@@ -779,10 +789,13 @@ class SelfSpec(Method):
         key = "measured_speedup" if cfg.timed_prompts else "estimated_speedup"
         best = max(ranked, key=lambda r: r[key])
         self.apply(best)
+        batched = self.calibrate_batched(best, path, held_out, new)
         agree, _ = self.teacher_forced(held_out[:cfg.search_windows, :cfg.search_len])
         return {"drafter": cfg.drafter, "skip": self.skipped(), "exit_layer": self.exit_layer
                 if cfg.drafter == "exit" else None, "threshold": self.threshold,
                 "draft_tokens": self.cap, "draft_vocab": len(self.vocab),
+                "batched_threshold": self.batched_threshold,
+                "batched_draft_tokens": self.batched_cap, "batched_finalists": batched,
                 "chosen": best, "finalists": ranked, "search_path": path, "timings": t,
                 "held_out_agreement": float(agree.float().mean()),
                 "calibration_s": time.perf_counter() - t0}
@@ -791,6 +804,28 @@ class SelfSpec(Method):
         if self.scfg.drafter == "skip":
             self.set_skip(entry["skip"])
         self.set_policy(entry["threshold"], int(entry["draft_tokens"]))
+
+    def calibrate_batched(self, best: dict[str, Any], path: list[dict[str, Any]],
+                          held_out: Tensor, new: int) -> list[dict[str, Any]]:
+        """The cap (each with its best threshold at batch 1) for batches: timed decoding of
+        `timed_prompts` x 4 held-out prompts, up to 8 at a time, against the dense model. A
+        verify pass of a batch grows faster with the draft length than one of a single row."""
+        cfg = self.scfg
+        rows = min(8, cfg.timed_prompts * 4, held_out.shape[0])
+        if rows < 2 or cfg.draft_tokens is not None:
+            return []
+        entry = next(e for e in path if e["skip"] == best["skip"])
+        results = []
+        for policy in entry["policies"]:
+            self.set_policy(policy["threshold"], int(policy["draft_tokens"]), batched=True)
+            speedup, acceptance = self.timed_speedup(held_out[:rows, :32], new, reps=2,
+                                                     batch=rows)
+            results.append({"threshold": policy["threshold"],
+                            "draft_tokens": policy["draft_tokens"], "batch": rows,
+                            "measured_speedup": speedup, "measured_acceptance": acceptance})
+        chosen = max(results, key=lambda r: r["measured_speedup"])
+        self.set_policy(chosen["threshold"], int(chosen["draft_tokens"]), batched=True)
+        return results
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -806,7 +841,8 @@ class SelfSpec(Method):
         return {"drafter": self.scfg.drafter, "skip": self.skipped(),
                 "exit_layer": self.exit_layer if self.scfg.drafter == "exit" else None,
                 "draft_layers": len(self.kept), "threshold": self.threshold,
-                "draft_tokens": self.cap, "draft_vocab": len(self.vocab),
+                "draft_tokens": self.cap, "batched_threshold": self.batched_threshold,
+                "batched_draft_tokens": self.batched_cap, "draft_vocab": len(self.vocab),
                 "draft_agreement": hits / max(total, 1), "flops_ratio": 1.0}
 
     # -- cost, the bench ------------------------------------------------------------------------
@@ -838,7 +874,9 @@ class SelfSpec(Method):
         start, end, t0 = self.tally.copy(), [], time.perf_counter()
         setting = {"drafter": self.scfg.drafter, "skip": self.skipped(),
                    "exit_layer": self.exit_layer if self.scfg.drafter == "exit" else None,
-                   "threshold": self.threshold, "draft_tokens": self.cap}
+                   "threshold": self.threshold, "draft_tokens": self.cap,
+                   "batched_threshold": self.batched_threshold,
+                   "batched_draft_tokens": self.batched_cap}
 
         def done() -> SpecTally:
             return (end[0][0] if end else self.tally).minus(start)
@@ -865,15 +903,24 @@ class SelfSpec(Method):
         cap = int(value)
         if value != cap or not 1 <= cap <= 32:
             raise UserError(f"draft_tokens must be a whole number in [1, 32], got {value:g}")
-        threshold = self.threshold
-        return lambda: self.set_policy(threshold, cap)
+        policy = self.policy.clone()
+        policy[:, 1] = cap
+
+        def apply() -> None:
+            self.policy.copy_(policy)
+            self.refresh()
+        return apply
 
     def current_knob_value(self) -> float | None:
         return float(self.cap)
 
     def current_setting(self) -> Callable[[], None]:
-        threshold, cap = self.threshold, self.cap
-        return lambda: self.set_policy(threshold, cap)
+        policy = self.policy.clone()
+
+        def apply() -> None:
+            self.policy.copy_(policy)
+            self.refresh()
+        return apply
 
     def dense_reference(self) -> contextlib.AbstractContextManager[None]:
         return attribute_set(self, "dense", True)
