@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from adadepth.config import ModelConfig
 from adadepth.depth.drafting import prepare
-from adadepth.generate import Draft, Round, generate
+from adadepth.generate import Draft, Round, generate, generate_many
 from adadepth.model import KVCache, Transformer
 
 V = 30
@@ -116,3 +116,15 @@ def test_speculative_tells_the_speculator_what_each_round_kept() -> None:
     # rows 0 and 2 finish early; they are then inactive and keep nothing
     assert any(active == [False, True, False] and accepted[0] == accepted[2] == 0
                for accepted, active in seen)
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_prompts_of_different_lengths_decode_as_each_alone(speculate: bool) -> None:
+    """`generate_many`: right-padded prefill, the padding invalidated, each row at its own
+    positions; plain decoding and the draft/verify loop both give each prompt's own output."""
+    base = model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    expected = [generate(base, torch.tensor([p]), 20, temperature=0.0)[0].tolist()
+                for p in prompts]
+    runner = ModelDrafter(base, spoil=[1]) if speculate else base
+    assert generate_many(runner, prompts, 20, temperature=0.0) == expected
