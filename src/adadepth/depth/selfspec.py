@@ -250,6 +250,25 @@ def distill(student: Tensor, teacher: Tensor, unembed: Callable[[Tensor], Tensor
     return total, torch.cat(t_args), torch.cat(s_args)
 
 
+def finalists(path: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The candidates to time: the best-estimated policy of each of the best drafts (up to
+    count - 1 of them), then the best remaining (draft, cap) pairs. The estimate ranks settings
+    but errs in level, in both directions (on SmolLM2 it was pessimistic for skipped layers,
+    whose drafts see the full model's context while decoding, and optimistic about long
+    drafts), so the timed ones span drafts and caps."""
+    candidates = [{"skip": entry["skip"], "agreement": entry["agreement"], **policy}
+                  for entry in path for policy in entry["policies"]]
+    candidates.sort(key=lambda r: -r["estimated_speedup"])
+    chosen: list[dict[str, Any]] = []
+    for r in candidates:
+        if len(chosen) < max(1, count - 1) and all(c["skip"] != r["skip"] for c in chosen):
+            chosen.append(r)
+    for r in candidates:
+        if len(chosen) < count and r not in chosen:
+            chosen.append(r)
+    return chosen
+
+
 # -- counting what ran ------------------------------------------------------------------------
 @dataclass
 class SpecTally:
@@ -776,11 +795,7 @@ class SelfSpec(Method):
             agree, conf = self.teacher_forced(windows)
             path = [{"skip": self.skipped(), "agreement": float(agree.float().mean()),
                      "policies": self.policies(agree, conf, t)}]
-        # The finalists: the best estimates over every draft and cap, one threshold per pair
-        # (estimates rank well but err: timing several caps is what finds the fast one).
-        candidates = [{"skip": entry["skip"], "agreement": entry["agreement"], **policy}
-                      for entry in path for policy in entry["policies"]]
-        ranked = sorted(candidates, key=lambda r: -r["estimated_speedup"])[:cfg.finalists]
+        ranked = finalists(path, cfg.finalists)
         for entry in ranked:
             if cfg.timed_prompts:
                 self.apply(entry)
