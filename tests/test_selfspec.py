@@ -370,6 +370,7 @@ def test_the_search_is_stored_in_the_run(runs_dir: dict[str, Path]) -> None:
     assert all(r["policies"] and "estimated_speedup" in r["policies"][0] for r in path)
     finalists = metrics["finalists"]
     assert len(finalists) == 4 and all("measured_speedup" in r for r in finalists)
+    assert len({tuple(r["skip"]) for r in finalists[:3]}) == 3  # drafts first, then caps
     assert metrics["chosen"] == max(finalists, key=lambda r: r["measured_speedup"])
     model = load_run(runs_dir["skip"]).model
     assert isinstance(model, SelfSpec)
