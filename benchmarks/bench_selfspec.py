@@ -1,17 +1,21 @@
 """Self-speculative decoding of SmolLM2-135M, side by side with transformers' own, in one process.
 
     python benchmarks/bench_selfspec.py [--threads 1] [--reps 3] [--new-tokens 128]
-        [--batches 1,8] [--fit-steps 400] [--hf-exits 4,8,15,22] [--out runs/bench-selfspec]
+        [--batches 1,8] [--fit-steps 600] [--hf-exits 4,8,15,22] [--out runs/bench-selfspec]
 
-1. makes the two self-spec runs over the packaged backbone unless they exist
+0. writes the self-distillation corpus unless it exists: the model's own greedy continuations
+   (--distill-tokens tokens) of --distill-docs 32-token windows of tiny-shakespeare's *train*
+   split, the text a drafter meets when this model decodes greedily;
+1. makes the two self-spec runs over the packaged backbone on that corpus unless they exist
    (`adadepth fit --method self-spec --backbone smollm2-135m`): the layer-skipping drafter
-   (nothing trains; its skip set, threshold and cap are searched after fit) and the early exit
-   at layer 6 with an adapter distilled for --fit-steps steps (batch 4 x 256 tokens of
-   tiny-shakespeare) — its training time is in the run's metrics;
+   (nothing trains; its skip set, threshold and caps are searched after fit) and the early
+   exit at layer 6 with an adapter (a block with a 1536-wide FFN) distilled for --fit-steps
+   steps of batch 4 x 256 tokens — its training time is in the run's metrics;
 2. picks transformers' best `assistant_early_exit=E` among --hf-exits (one prompt, timed);
 3. times, in interleaved rounds (the order reversed every other round, the first round a
-   warm-up), greedy decoding of --new-tokens tokens after a 32-token held-out prompt (a new
-   prompt each round, the same for every contender within it):
+   warm-up), greedy decoding of --new-tokens tokens after 32-token prompts from
+   tiny-shakespeare's *validation* split (new ones each round, the same for every contender
+   within it):
    transformers' `generate` (dense), transformers' `generate(assistant_early_exit=E)` (batch 1
    only: it runs at batch 1 alone), adadepth's own dense decoding loop, and self-spec with each
    drafter; at each batch size of --batches;
@@ -119,7 +123,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--fit-steps", type=int, default=400)
+    parser.add_argument("--fit-steps", type=int, default=600)
     parser.add_argument("--hf-exits", default="4,8,15,22")
     parser.add_argument("--distill-docs", type=int, default=1536)
     parser.add_argument("--distill-tokens", type=int, default=160)
