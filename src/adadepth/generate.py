@@ -62,10 +62,6 @@ class Round:
     most: int  # draft at most this many tokens, >= 1 (the cap, the room left in the cache)
     sample: Sampler
 
-    def select(self, t: Tensor) -> Tensor:
-        """The rows of this round of a tensor over every cache row."""
-        return t if self.rows is None else t.index_select(0, self.rows)
-
 
 @dataclass
 class Draft:
