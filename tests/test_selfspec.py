@@ -21,7 +21,7 @@ import adadepth.generate as gen
 from adadepth.cli import main
 from adadepth.depth.selfspec import SelfSpec, SelfSpecConfig, distill
 from adadepth.errors import UserError
-from adadepth.generate import Sampler, generate, generate_many, speculative
+from adadepth.generate import Round, Sampler, generate, generate_many, speculative
 from adadepth.hf.adapters import HFAdapter
 from adadepth.runs import load_run
 
@@ -116,6 +116,31 @@ def test_draft_length_follows_the_drafts_confidence() -> None:
     assert drafted[1.0] == 1.0
     assert drafted[0.0] > 3
     assert 1.0 < drafted[median] < drafted[0.0]
+
+
+def test_the_searchs_acceptance_is_what_a_round_drafts() -> None:
+    """The skip search measures, at every position, the draft's first token exactly as a round
+    drafts it after a prefill of the positions before it (the full model's K/V as context);
+    the teacher-forced shortcut (the draft's own states as context) is not that."""
+    bb = llama(BIG_V, [1, 2], quiet_scale=0.2)
+    model = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1, 2], threshold=0.0,
+                                        draft_tokens=1, draft_vocab=0)).eval()
+    windows = torch.randint(0, BIG_V, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.reference(windows, cache=True)
+        agree, conf = model.first_draft(windows, ref, chunk=5)
+        for w in range(2):
+            for t in range(12):
+                cache = model.new_cache(1, 14)
+                if t:
+                    model(windows[w:w + 1, :t], cache, 0)
+                rnd = Round(windows[w:w + 1, t:t + 1], torch.tensor([t]), None, 1, Sampler())
+                token = model.draft(rnd, cache).tokens[0, 0]
+                assert bool(token == ref.target[w, t]) == bool(agree[w, t])
+        teacher, _ = model.teacher_forced(windows, ref)
+    assert agree.any() and not agree.all()
+    assert not torch.equal(teacher, agree)
+    assert bool(((conf > 0) & (conf <= 1)).all())
 
 
 def test_the_draft_vocabulary_is_a_subset_and_still_exact() -> None:
