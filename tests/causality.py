@@ -3,7 +3,8 @@
 A *decision reader* runs the model on token ids (optionally into a cache, from a position) and
 returns what it decided for each token, (B, T, ...): routing's full/cheap masks, Mixture-of-
 Depths' run/skip masks, an early exit's exit layer. `method_decisions` reads any method through
-`Method.token_depth()`; a method with richer records passes its own reader.
+the per-token depth its forward reports (`Call(depth=...)`); a method with richer records passes
+its own reader.
 
 - `assert_causal`: changing the tokens from some position on never changes a decision before it
   (decisions may depend on earlier tokens only, as decoding requires);
@@ -21,20 +22,21 @@ import torch
 from torch import Tensor, nn
 
 import adadepth
+from adadepth.depth.dispatch import Call
 
 # (token ids (B, T), cache or None, start position) -> decisions (B, T, ...)
 Decide = Callable[..., Tensor]
 
 
-def method_decisions(model: nn.Module) -> Decide:
-    """Per-token decisions of any method: the compute each token received (`token_depth`)."""
+def method_decisions(model: nn.Module, **call) -> Decide:
+    """Per-token decisions of any method: the compute each token received (its depth)."""
 
     def decide(idx: Tensor, cache=None, start: int = 0) -> Tensor:
+        depth: list[Tensor] = []
         with torch.no_grad():
-            model(idx, cache, start)
-        depth = model.token_depth()
-        assert depth is not None, f"{type(model).__name__} recorded no per-token depth"
-        return depth.clone()
+            model(idx, cache, start, call=Call(depth=depth, **call))
+        assert depth, f"{type(model).__name__} recorded no per-token depth"
+        return depth[-1]
 
     return decide
 

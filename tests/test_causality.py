@@ -55,6 +55,5 @@ def test_the_check_fails_for_decisions_that_look_ahead() -> None:
     """Routing's training decisions (top-k over the sequence) are not causal: the check says so."""
     torch.manual_seed(1)
     model = routing()
-    model.set_decision("topk")
     with pytest.raises(AssertionError, match="depend on later tokens"):
-        assert_causal(method_decisions(model), text(3, 40, 5), V, 12)
+        assert_causal(method_decisions(model, rule="topk"), text(3, 40, 5), V, 12)

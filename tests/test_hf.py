@@ -94,8 +94,7 @@ def test_routed_at_full_budget_equals_transformers(family: str) -> None:
         routed.calibrate([idx])
         assert max_diff(routed(idx).logits, ref) <= 1e-5
         # The same controllers at half budget do change the output: routing is really installed.
-        for r in routed.routers:
-            r.budget = 0.5
+        routed.budget = 0.5
         routed.train()
         assert max_diff(routed(idx).logits, ref) > 1e-3
 
@@ -201,7 +200,7 @@ def test_save_stores_an_in_memory_backbone(tmp_path: Path) -> None:
 def test_controller_only_training_leaves_backbone_bitwise(llama_dir: Path) -> None:
     from adadepth.config import OptimConfig, TrainConfig
     from adadepth.data import load_corpus, prepare_tokens
-    from adadepth.jobs.route import RoutingObjective
+    from adadepth.jobs.fit import MethodObjective
     from adadepth.train.loop import train
 
     loaded = load_transformers(llama_dir)
@@ -209,16 +208,20 @@ def test_controller_only_training_leaves_backbone_bitwise(llama_dir: Path) -> No
     adapter.requires_grad_(False)
     before = {k: v.clone() for k, v in adapter.backbone_state().items()}
     model = RoutedModel(adapter, RoutingConfig(budget=0.5, aux=["util", "rank"]))
-    start = [p.clone() for p in model.controller_parameters()]
+    model.set_trainable(from_scratch=False)
+
+    def controller() -> list[torch.Tensor]:
+        return [p for m in model.method_modules().values() for p in m.parameters()]
+
+    start = [p.clone() for p in controller()]
     data = prepare_tokens(load_corpus("tiny-shakespeare"), loaded.tokenizer)
-    train(RoutingObjective(model, 0), data, TrainConfig(steps=3, batch_size=2, eval_batches=1),
+    train(MethodObjective(model), data, TrainConfig(steps=3, batch_size=2, eval_batches=1),
           OptimConfig(lr=1e-2, warmup_steps=0), 32, Path(llama_dir.parent / "run-frozen"),
           show_progress=False)
     after = adapter.backbone_state()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert any(not torch.equal(a, p) for a, p in zip(start, model.controller_parameters(),
-                                                     strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(start, controller(), strict=True))
 
 
 def test_cli_eval_and_route_on_a_transformers_directory(llama_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from test_cli import assert_user_error
 from adadepth import config
 from adadepth import flops as fl
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call
 from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.eval import decode_eval
 from adadepth.model import Transformer
@@ -27,9 +28,9 @@ def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
     cfg = ModelConfig(vocab_size=30, d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=64)
     model = RoutedModel(Transformer(cfg), RoutingConfig(gate="g1", d_z=8, aux=[])).eval()
     model.calibrate([torch.randint(0, 30, (4, 16))])
-    model.routers[0].force, model.routers[1].force = True, False
     windows = torch.randint(0, 30, (3, 17), generator=torch.Generator().manual_seed(1))
-    _, fraction, summary, depth = decode_eval(model, windows)
+    forced = Call(forced={model.layers[0]: True, model.layers[1]: False})
+    _, fraction, summary, depth = decode_eval(model, windows, call=forced)
     context = fl.causal_context(16)
     dense = fl.forward_per_token(cfg, context)
     cheap = fl.module_flops(model.routers[1].cheap)
@@ -82,7 +83,7 @@ def test_every_other_method_trains_evaluates_and_benches(toy_sizes, tmp_path: Pa
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each non-routing entry on the shared backbone: trained, set to a budget through its own
     knob (or kept at its setting), evaluated as generation feeds it, and timed."""
-    names = [e.name for e in leaderboard.ENTRIES if e.job == "fit"]
+    names = [e.name for e in leaderboard.ENTRIES if e.config["method"] != "routing"]
     assert {"mod", "static-skip", "calm", "layerskip-exit", "layerskip-spec", "ponder",
             "ensemble"} <= set(names)
     short = [dataclasses.replace(e, steps=4 if e.steps else None) for e in leaderboard.ENTRIES]

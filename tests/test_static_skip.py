@@ -14,6 +14,7 @@ from test_cli import assert_user_error
 from adadepth import flops as fl
 from adadepth.cli import main
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call
 from adadepth.depth.static_skip import StaticSkip, StaticSkipConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -97,14 +98,17 @@ def test_measure_counts_the_layers_run_and_save_load_keeps_them() -> None:
     ctx = fl.causal_context(10)
     dense = fl.forward_per_token(model.cfg, ctx)
     per_layer = (sum(dense.values()) - dense["lm_head"]) / 4
-    with torch.no_grad(), model.measure() as m:
-        model(tokens(2, 10))
+    runner, m = model.measured()
+    with torch.no_grad():
+        runner(tokens(2, 10))
     assert m.summary()["layers_run"] == 2
     assert m.flops_per_token(ctx) == pytest.approx(dense["lm_head"] + 2 * per_layer)
-    with torch.no_grad(), model.dense_reference(), model.measure() as m:
-        model(tokens(2, 10))
+    depth: list = []
+    runner, m = model.measured(Call(force=True, depth=depth))  # the dense reference
+    with torch.no_grad():
+        runner(tokens(2, 10))
     assert m.flops_per_token(ctx) == pytest.approx(model.reference_flops_per_token(ctx))
-    assert model.token_depth().unique().tolist() == [4]
+    assert depth[0].unique().tolist() == [4]
     loaded = StaticSkip(four_layers(idle=1), StaticSkipConfig(budget=0.5))
     loaded.load_method_state(model.method_state())
     assert loaded.skipped_layers() == model.skipped_layers() and len(loaded.kept) == 2

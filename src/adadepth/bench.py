@@ -1,8 +1,8 @@
 """`adadepth bench`: any method's measured wall-clock speedup over its dense reference, beside
 the ideal speedup from the analytic FLOPs of what really ran.
 
-The reference is the method's own (`Method.dense_reference`: routing puts the original FFNs
-back, pondering runs every pass, ...) on the same weights in the same memory. Each round times
+The reference is the method's own (`Method.dense_reference`: every routed FFN full, every pass
+of a looped model, no exit, ...) on the same weights in the same memory. Each round times
 the reference and then the method at every setting of its cost knob, in one process, so drift
 of a shared machine hits all of them alike; the first round is a warm-up, and also measures
 what each setting really ran (untimed, under `Method.measure`). Tokens/s are medians over the
@@ -92,12 +92,12 @@ def timed(job: Job, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def measured(model: Method, job: Job) -> tuple[Any, dict[str, Any]]:
-    """Run a job untimed under the method's measurement: (its Measurement, its summary)."""
-    setup, body = job
+def measured(model: Method, make: Callable[[torch.nn.Module], Job]) -> tuple[Any, dict[str, Any]]:
+    """Run a job untimed on a counting copy of the method: (its Measurement, its summary)."""
+    runner, m = model.measured()
+    setup, body = make(runner)
     setup()
-    with model.measure() as m:
-        body()
+    body()
     return m, m.summary()
 
 
@@ -115,20 +115,19 @@ def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
     """Timed in rounds after one warm-up round: median seconds of the reference and of each
     setting, and per setting the median over rounds of reference/method within the same round
     (a pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
-    runner = wrap(model)
+    runner, dense = wrap(model), wrap(model.dense_reference())
     reference: list[float] = []
     times: dict[float, list[float]] = {v: [] for v in settings}
     measurements: dict[float, Any] = {}
     for rnd in range(reps + 1):
-        with model.dense_reference():
-            t = timed(make(runner), device)
+        t = timed(make(dense), device)
         if rnd:
             reference.append(t)
         order = list(settings) if rnd % 2 else list(reversed(settings))
         for value in order:
             settings[value]()
             if rnd == 0:
-                measurements[value] = measured(model, make(model))
+                measurements[value] = measured(model, make)
             t = timed(make(runner), device)
             if rnd:
                 times[value].append(t)
@@ -275,15 +274,14 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 def heldout_windows(data, rows: int, length: int, calib_rows: int,
                     calib_len: int) -> tuple[Tensor, Tensor]:
-    """Timed text from the start of the validation split, calibration windows from its end."""
-    val = data.split("val")
-    need = rows * length + calib_rows * calib_len
-    if len(val) < need:
-        raise UserError(f"the validation split has {len(val)} tokens; the benchmark needs "
-                        f"{need} (lower --prefill-batch or --prefill-len)")
-    text = torch.from_numpy(val[:rows * length].astype("int64")).view(rows, length)
-    calib = val[len(val) - calib_rows * calib_len:].astype("int64")
-    return text, torch.from_numpy(calib).view(calib_rows, calib_len)
+    """Timed text (odd windows of the validation split) and calibration windows (even ones):
+    different text from the same distribution."""
+    need = 2 * max(rows * length, calib_rows * calib_len)
+    calib, text = data.halves("val", max(length, calib_len), max(rows, calib_rows))
+    if len(text) < rows or len(calib) < calib_rows:
+        raise UserError(f"the validation split has {len(data.split('val'))} tokens; the "
+                        f"benchmark needs about {need} (lower --prefill-batch or --prefill-len)")
+    return text[:rows, :length], calib[:calib_rows, :calib_len]
 
 
 def check_settings(model: Method, values: list[float], text: str) -> None:

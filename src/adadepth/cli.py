@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
-from adadepth.config import apply_overrides, load_yaml
+from adadepth.config import apply_overrides, load_yaml, merge
 from adadepth.errors import UserError
 
 
@@ -32,15 +31,8 @@ def positive_int(text: str) -> int:
 def config_dict(args: argparse.Namespace, base: dict, flags: dict | None = None) -> dict:
     """Defaults < --config YAML < explicit flags < key=value overrides."""
     if getattr(args, "config", None):
-        base = _merge(base, load_yaml(args.config))
-    return apply_overrides(_merge(base, flags or {}), args.overrides)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        base = merge(base, load_yaml(args.config))
+    return apply_overrides(merge(base, flags or {}), args.overrides)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -85,6 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from adadepth.depth import Method
+    from adadepth.depth.dispatch import Call
     from adadepth.generate import generate
     from adadepth.runs import load_run
     from adadepth.train.loop import resolve_device
@@ -104,11 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.show_depth and not adaptive:
         raise UserError(f"{args.run} is a dense model: every token gets every layer, there is "
                         "no depth to show")
-    depth: list = [] if args.show_depth else None
-    with contextlib.ExitStack() as stack:
-        measurement = stack.enter_context(model.measure()) if adaptive else None
-        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                       generator=gen, depth=depth)
+    depth: list = []
+    runner, measurement = (model.measured(Call(depth=depth if args.show_depth else None))
+                           if adaptive else (model, None))
+    out = generate(runner, idx, args.max_new_tokens, args.temperature, args.top_k,
+                   generator=gen)
     for b, row in enumerate(out.tolist()):
         if depth:
             print(show_depth(model, loaded.tokenizer, row, depth, b, not args.no_color))
@@ -144,27 +137,22 @@ def aux_list(text: str) -> list[str]:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-    from adadepth.config import validate
-    from adadepth.jobs.route import RouteConfig, route
-
-    routing = {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
-                                 ("aux", args.aux), ("oracle", args.oracle)) if v is not None}
-    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
-                               ("parallel", args.parallel)) if v is not None}
-    flags = {"backbone": args.backbone, "routing": routing, "train": train}
-    base = RouteConfig(backbone=args.backbone).model_dump()
-    cfg = validate(RouteConfig, config_dict(args, base, flags))
-    metrics = route(cfg, Path(args.out), resume=args.resume)
-    keys = ("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
-            "full_fraction_causal", "flops_proxy", "wall_s")
-    print(json.dumps({k: metrics[k] for k in keys}))
+    """`adadepth route`: fit with the method fixed to routing (its flags go to its section)."""
+    args.method = "routing"
+    args.preset = args.corpus = args.tokenizer = None
+    cmd_fit(args, {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
+                                     ("aux", args.aux), ("oracle", args.oracle))
+                   if v is not None},
+            shown=("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
+                   "full_fraction_causal", "flops_proxy", "wall_s"))
 
 
-def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
-    from adadepth.jobs.fit import FitConfig, fit, fit_config
+def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None,
+            shown: tuple[str, ...] | None = None) -> None:
+    """Train; print the run's figures as one JSON line (`shown`: these, else every number)."""
+    from adadepth.jobs.fit import fit, fit_config, fit_defaults
 
-    defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
-    base = {k: defaults[k] for k in ("optim", "train")}
+    base = fit_defaults(args.method)  # the job's training defaults, and the method's own
     given = (("backbone", args.backbone), ("preset", args.preset))
     flags: dict = {"method": args.method, **{k: v for k, v in given if v is not None}}
     data = {k: v for k, v in (("corpus", args.corpus), ("tokenizer", args.tokenizer))
@@ -179,8 +167,11 @@ def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
         flags[args.method] = method_flags
     cfg = fit_config(config_dict(args, base, flags))
     metrics = fit(cfg, Path(args.out), resume=args.resume)
-    print(json.dumps(rounded({k: v for k, v in metrics.items()
-                              if isinstance(v, int | float | str) or v is None})))
+    if shown is not None:
+        print(json.dumps({k: metrics.get(k) for k in shown}))
+    else:
+        print(json.dumps(rounded({k: v for k, v in metrics.items()
+                                  if isinstance(v, int | float | str) or v is None})))
 
 
 TUNE_METHODS = ("ensemble", "lora", "ensemble+lora", "full")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from adadepth import flops as fl
 from adadepth import runs
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth import Method
-from adadepth.generate import record_depth
+from adadepth.depth.dispatch import Call
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
@@ -53,31 +52,33 @@ def evaluate_run(run_dir: Path, corpus: str | None = None, block_size: int | Non
 
 
 @torch.no_grad()
-def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16,
-                prompt: int = 1) -> tuple[float, float, dict[str, Any], list[torch.Tensor]]:
+def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16, prompt: int = 1,
+                call: Call | None = None,
+                ) -> tuple[float, float, dict[str, Any], list[torch.Tensor]]:
     """Held-out windows fed as generation feeds them: a prompt of `prompt` tokens, then one
     token per cached forward. Returns the mean next-token loss (nats), the FLOPs per token the
     method realised relative to its dense backbone, its measurement summary, and the per-token
     depth of every fed token (when the method records one). This is the deployed setting, so
-    methods that adapt only while decoding are measured as they run."""
+    methods that adapt only while decoding are measured as they run. `call` gives an adaptive
+    model other instructions (a forced pattern)."""
     total, count, depth = 0.0, 0, []
     T = windows.shape[1] - 1
     adaptive = isinstance(model, Method)
-    with model.measure() if adaptive else contextlib.nullcontext() as m:
-        for rows in windows.split(batch_size):
-            cache = model.new_cache(rows.shape[0], T)
-            logits = [model(rows[:, :prompt], cache, 0).logits]
-            parts = []
-            record_depth(model, parts)
-            for t in range(prompt, T):
-                logits.append(model(rows[:, t:t + 1], cache, t).logits)
-                record_depth(model, parts)
-            targets = rows[:, 1:T + 1]
-            total += causal_lm_loss(torch.cat(logits, 1), targets, "none").sum().item()
-            count += targets.numel()
-            if parts:
-                depth.append(torch.cat(parts, 1))
-    if not adaptive:  # a dense model runs every layer on every token
+    parts: list[torch.Tensor] = []
+    runner, m = (model.measured((call or Call()).but(depth=parts)) if adaptive
+                 else (model, None))
+    for rows in windows.split(batch_size):
+        cache = runner.new_cache(rows.shape[0], T)
+        logits = [runner(rows[:, :prompt], cache, 0).logits]
+        for t in range(prompt, T):
+            logits.append(runner(rows[:, t:t + 1], cache, t).logits)
+        targets = rows[:, 1:T + 1]
+        total += causal_lm_loss(torch.cat(logits, 1), targets, "none").sum().item()
+        count += targets.numel()
+        if parts:
+            depth.append(torch.cat(parts, 1))
+            parts.clear()
+    if m is None:  # a dense model runs every layer on every token
         return total / count, 1.0, {}, depth
     context = fl.causal_context(T)
     dense = sum(fl.forward_per_token(model.cfg, context).values())

@@ -82,6 +82,20 @@ class TokenData:
             yield windows[:, :-1], windows[:, 1:]
 
 
+    def windows(self, split: str, length: int) -> torch.Tensor:
+        """Every consecutive non-overlapping window of `length` tokens of a split, from its
+        start, (n, length) (a window to score holds its targets: ask for block + 1)."""
+        data = self.split(split)
+        n = len(data) // length if length else 0
+        return torch.from_numpy(data[: n * length].astype(np.int64)).view(n, length)
+
+    def halves(self, split: str, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint sets of up to `count` windows: the even ones (to calibrate on) and the
+        odd ones (to measure on): different text from the same distribution."""
+        windows = self.windows(split, length)
+        return windows[0::2][:count], windows[1::2][:count]
+
+
 def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
     """Tokenize the corpus once per tokenizer and cache it; later calls map the cache."""
     key = hashlib.sha256(f"{corpus.fingerprint}:{tokenizer.name}:{tokenizer.fingerprint}".encode())

@@ -21,6 +21,7 @@ import copy
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -175,10 +176,14 @@ class HFAdapter(nn.Module):
         return len(self.layers)
 
     def get_ffn(self, layer: int) -> nn.Module:
-        return self.layers[layer].mlp
+        mlp = self.layers[layer].mlp
+        return mlp.inner if isinstance(mlp, _ContextFFN) else mlp
 
     def set_ffn(self, layer: int, module: nn.Module) -> None:
-        self.layers[layer].mlp = module
+        """A module that takes the call's context (`takes_context`) is installed behind a shim:
+        a transformers layer calls its MLP on the hidden states alone."""
+        self.layers[layer].mlp = (_ContextFFN(module) if getattr(module, "takes_context", False)
+                                  else module)
 
     def _backbone_mode(self, module: nn.Module, _args: Any) -> None:
         if not self.backbone_dropout:
@@ -206,13 +211,13 @@ class HFAdapter(nn.Module):
 
     def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
                 embeds: Tensor | None = None, positions: Tensor | None = None,
-                ) -> tuple[Tensor, Context]:
+                call: Any = None) -> tuple[Tensor, Context]:
         x = self.embed(idx) if embeds is None else embeds
         T = x.shape[1]
         if positions is None:
-            ctx = Context.block(start, T, x.device, cache)
+            ctx = Context.block(start, T, x.device, cache, call)
         else:
-            ctx = Context.at(positions.to(x.device), cache)
+            ctx = Context.at(positions.to(x.device), cache, call)
         if ctx.end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
         dec, fam = self.decoder, self.family
@@ -257,7 +262,11 @@ class HFAdapter(nn.Module):
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
-        out = self.layers[layer](x, **kwargs)
+        token = _CURRENT.set(ctx)  # for a context-taking FFN behind its shim
+        try:
+            out = self.layers[layer](x, **kwargs)
+        finally:
+            _CURRENT.reset(token)
         return out[0] if isinstance(out, tuple) else out
 
     def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
@@ -295,8 +304,8 @@ class HFAdapter(nn.Module):
         return self.unembed(self.final_norm(hidden))
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
-        x, ctx = self.prepare(idx, cache, start, positions=positions)
+                positions: Tensor | None = None, call: Any = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
         return Output(logits=self.head(x), hidden=x)
@@ -304,7 +313,8 @@ class HFAdapter(nn.Module):
     # -- the backbone's own weights ------------------------------------------------------------
     @contextmanager
     def original_ffns(self) -> Iterator[None]:
-        """Temporarily put the model's own MLPs back (to save or fingerprint the backbone)."""
+        """The model's own MLPs back in place for the block (to save or fingerprint the
+        backbone as it was loaded, whatever a method installed)."""
         current = [layer.mlp for layer in self.layers]
         try:
             for layer, mlp in zip(self.layers, self._mlps, strict=True):
@@ -327,6 +337,23 @@ class HFAdapter(nn.Module):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return digest.hexdigest()
+
+
+# The context of the layer running now: how a transformers layer, which calls its MLP on the
+# hidden states alone, reaches a context-taking FFN (`_ContextFFN`). Set only for the duration of
+# `run_layer`, in the thread that runs it.
+_CURRENT: ContextVar[Context | None] = ContextVar("adadepth_layer_context", default=None)
+
+
+class _ContextFFN(nn.Module):
+    """A context-taking FFN as a transformers layer calls its MLP: `mlp(hidden)`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.inner(u, _CURRENT.get())
 
 
 def _causal(T: int, n_keys: int, device: torch.device) -> Tensor:

@@ -1,4 +1,5 @@
 from adadepth.model.cache import Context, KVCache, attention_mask
+from adadepth.model.stack import LayerStack
 from adadepth.model.transformer import (
     Block,
     Output,
@@ -12,6 +13,7 @@ __all__ = [
     "Block",
     "Context",
     "KVCache",
+    "LayerStack",
     "Output",
     "RMSNorm",
     "SwiGLU",

@@ -1,24 +1,28 @@
 """A decoder-only transformer: pre-norm RMSNorm, RoPE, SwiGLU, optional tied embeddings.
 
 The core knows nothing of training, data or parallelism. Every adaptive-depth method is built on
-the *layer-stack interface* below, which the Hugging Face adapters (`adadepth.hf.adapters`)
-implement too, so a method written once runs on both:
+the *layer-stack interface* below (`LayerStack`, `model/stack.py`), which the Hugging Face
+adapters (`adadepth.hf.adapters`) implement too, so a method written once runs on both:
 
 - `embed(idx)` / `embed_soft(probs)`: token embeddings, and the embedding of a distribution over
   the vocabulary (a looped model's pondering input);
-- `prepare(idx | embeds=..., cache, start | positions=...)`: the hidden states a pass starts
-  from and the `Context` of the call (rows, absolute positions, cache; see `model/cache.py`);
+- `prepare(idx | embeds=..., cache, start | positions=..., call=...)`: the hidden states a pass
+  starts from and the `Context` of the call (rows, absolute positions, cache, and the method's
+  per-call instructions `call`; see `model/cache.py`);
 - `run_layer(i, x, ctx)`: one block on the tokens of `ctx`, which may be a subset chosen with
   `ctx.select(...)` (whole-block skipping), attending to what the cache holds for them;
 - `write_kv(i, x, ctx)`: only the block's keys and values, for tokens whose state is copied up
   past the layer (early exit, halted tokens);
 - `get_ffn(i)` / `set_ffn(i, module)`: each block's FFN is its own module, called on the
-  normalised input, so routing can swap in a per-token choice;
+  normalised input, so routing can swap in a per-token choice; a module with
+  `takes_context = True` is called as `ffn(u, ctx)` and reads the call's instructions there;
 - `final_norm(h)`, `unembed(normed)`, `head(h)`: the unembedding is its own seam, so late-layer
   heads can share it with their own norms (`make_norm()` copies the final one);
 - `new_cache(batch, max_len, sets)`: a `KVCache` for all layers (times `sets`: a looped model
   keeps one set per pass and runs pass i with `ctx.with_kv_offset(i * n_layers)`).
 `forward` is just the chain prepare -> run_layer* -> head.
+
+Where a method goes: `adadepth/depth/` (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
@@ -241,7 +245,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
-        return h + self.ffn(self.ffn_norm(h))
+        u = self.ffn_norm(h)
+        return h + (self.ffn(u, ctx) if getattr(self.ffn, "takes_context", False)
+                    else self.ffn(u))
 
 
 @dataclass
@@ -303,15 +309,15 @@ class Transformer(nn.Module):
 
     def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
                 embeds: Tensor | None = None, positions: Tensor | None = None,
-                ) -> tuple[Tensor, Context]:
+                call: Any = None) -> tuple[Tensor, Context]:
         """The hidden states a pass starts from (token ids embedded, or `embeds` as given) and the
         context of the call: positions start..start+T for every row, or `positions` (B, T)."""
         x = self.embed(idx) if embeds is None else embeds
         B, T = x.shape[:2]
         if positions is None:
-            ctx = Context.block(start, T, x.device, cache)
+            ctx = Context.block(start, T, x.device, cache, call)
         else:
-            ctx = Context.at(positions.to(x.device), cache)
+            ctx = Context.at(positions.to(x.device), cache, call)
         if ctx.end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
         return x, ctx
@@ -353,8 +359,8 @@ class Transformer(nn.Module):
         return copy.deepcopy(self.final_norm)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
-        x, ctx = self.prepare(idx, cache, start, positions=positions)
+                positions: Tensor | None = None, call: Any = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
         return Output(logits=self.head(x), hidden=x)

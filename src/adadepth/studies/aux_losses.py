@@ -18,8 +18,8 @@ import torch
 
 from adadepth.config import ModelConfig, PretrainConfig, preset
 from adadepth.data import load_corpus
+from adadepth.jobs.fit import FitConfig, fit, fit_config
 from adadepth.jobs.pretrain import pretrain
-from adadepth.jobs.route import RouteConfig, route
 from adadepth.studies import report
 from adadepth.studies.plan import run_plan
 from adadepth.studies.recipes import Recipe, check_recipe, recipe_for, write_recipe
@@ -103,20 +103,20 @@ def backbone_summary(recipe: Recipe, preset_name: str, path: Path) -> dict[str, 
             "d_model": shape.get("d_model"), "val_loss": evaluated.get("val_loss")}
 
 
-def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, device: str) -> RouteConfig:
+def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, device: str) -> FitConfig:
     steps = recipe.controller_steps
     data: dict[str, Any] = {"corpus": recipe.corpus, "block_size": recipe.block_size}
     if recipe.max_docs is not None:
         data["max_docs"] = recipe.max_docs
-    return RouteConfig(
-        backbone=str(backbone),
-        routing={**recipe.routing, "gate": arm.gate, "aux": list(arm.aux), "budget": arm.budget,
-                 "oracle": arm.oracle, "lambda_jepa": arm.lambda_jepa},
-        data=data,
-        train={"steps": steps, "seed": seed, "batch_size": recipe.batch_size, "device": device,
-               "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
-               "log_interval": 10, **recipe.train},
-    )
+    return fit_config({
+        "method": "routing", "backbone": str(backbone),
+        "routing": {**recipe.routing, "gate": arm.gate, "aux": list(arm.aux),
+                    "budget": arm.budget, "oracle": arm.oracle, "lambda_jepa": arm.lambda_jepa},
+        "data": data,
+        "train": {"steps": steps, "seed": seed, "batch_size": recipe.batch_size,
+                  "device": device, "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
+                  "log_interval": 10, **recipe.train},
+    })
 
 
 def arms_of(ablations: bool) -> list[Arm]:
@@ -143,8 +143,8 @@ def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
     plan = [(arm, seed) for seed in range(seeds) for arm in arms_of(ablations)]
 
     def launch(arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
-        return route(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
-                     show_progress=False)
+        return fit(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
+                   show_progress=False)
 
     done = run_plan(plan, out, lambda arm: arm.name, launch, "aux-loss study", show_progress)
     runs = [{**metrics, "arm": arm.name, "group": arm.group} for arm, metrics in done]

@@ -33,12 +33,10 @@ from adadepth.train import checkpoint as ck
 
 @dataclass(frozen=True)
 class Entry:
-    """One method on the leaderboard: the job that trains it on the shared backbone (`route`,
-    or `fit` for every other method) with its config (as the YAML of that command would hold
-    it), and how it is set to a budget."""
+    """One method on the leaderboard: the config `adadepth fit` trains it with on the shared
+    backbone (as the YAML of that command would hold it), and how it is set to a budget."""
 
     name: str
-    job: str  # "route" | "fit"
     config: dict[str, Any]
     budgeted: bool = True  # searched to each FLOPs budget; False: one row at its own setting
     timed: bool = True  # benched for speed (the loss floor is not)
@@ -48,32 +46,32 @@ class Entry:
 
 
 def routing(gate: str, aux: list[str]) -> dict[str, Any]:
-    return {"routing": {"gate": gate, "aux": aux}}
+    return {"method": "routing", "routing": {"gate": gate, "aux": aux}}
 
 
 ENTRIES: list[Entry] = [
-    Entry("routing-g1", "route", routing("g1", ["util", "rank"]),
+    Entry("routing-g1", routing("g1", ["util", "rank"]),
           about="conditional depth routing, MLP gate, the paper's util + rank recipe"),
-    Entry("routing-g3", "route", routing("g3", ["util", "rank", "jepa"]),
+    Entry("routing-g3", routing("g3", ["util", "rank", "jepa"]),
           about="conditional depth routing, JEPA-guided gate, util + rank + jepa"),
-    Entry("random-routing", "route", routing("random", []),
+    Entry("random-routing", routing("random", []),
           about="routing with random decisions at the same budget (its cheap paths train)"),
-    Entry("mod", "fit", {"method": "mod", "mod": {"capacity": 0.5}},
+    Entry("mod", {"method": "mod", "mod": {"capacity": 0.5}},
           about="Mixture-of-Depths: every other block runs on the top-C tokens (trained at C "
           "0.5, backbone and routers jointly), causal predictor"),
-    Entry("static-skip", "fit", {"method": "static-skip"},
+    Entry("static-skip", {"method": "static-skip"},
           about="static layer skipping: the layers of least influence dropped for every token"),
-    Entry("calm", "fit", {"method": "calm"},
+    Entry("calm", {"method": "calm"},
           about="CALM early exit: per-layer weighted loss, softmax confidence, states copied "
           "upward; the knob is the confidence threshold"),
-    Entry("layerskip-exit", "fit", {"method": "layerskip",
+    Entry("layerskip-exit", {"method": "layerskip",
                                     "layerskip": {"decoding": "early_exit"}},
           about="LayerSkip trained with layer dropout and early-exit loss, decoding from the "
           "first E blocks (the knob is E)"),
-    Entry("layerskip-spec", "fit", {"method": "layerskip"}, budgeted=False,
+    Entry("layerskip-spec", {"method": "layerskip"}, budgeted=False,
           about="LayerSkip's self-speculative decoding: the full model's output, drafted by "
           "the first quarter of the blocks (speed only; FLOPs at or above dense)"),
-    Entry("ponder", "fit", {"method": "ponder",
+    Entry("ponder", {"method": "ponder",
                             "ponder": {"tau": 0.05, "ce_steps": 40, "k_warmup_steps": 60,
                                        "gates_only_steps": 30},
                             "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30}},
@@ -82,13 +80,13 @@ ENTRIES: list[Entry] = [
           "tau 0.05 (adds compute: more than dense FLOPs by design)",
           speed_reference="PonderLM, the same weights running all 4 passes (the bench's dense "
           "reference for a looped model); against the one-pass backbone it is slower"),
-    Entry("ensemble", "fit", {"method": "ensemble",
+    Entry("ensemble", {"method": "ensemble",
                               "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 25}},
           budgeted=False, steps=250,
           about="the last layers as an ensemble (tuning; adds head compute)"),
 ]
 # The floor of the loss gap: every controlled layer on its (trained) cheap path.
-FLOOR = Entry("all-cheap", "route", routing("all-cheap", []), budgeted=False, timed=False,
+FLOOR = Entry("all-cheap", routing("all-cheap", []), budgeted=False, timed=False,
               about="every controlled layer cheap: the floor of the loss gap")
 
 
@@ -138,9 +136,8 @@ def check_budgets(budgets: list[float]) -> None:
 def train_entry(entry: Entry, backbone: Path, run_dir: Path, preset: Preset, seed: int,
                 device: str) -> dict[str, Any]:
     """Train one entry with its job (resumable); returns its metrics.json."""
-    from adadepth.config import apply_overrides, validate
-    from adadepth.jobs.fit import FitConfig, fit, fit_config
-    from adadepth.jobs.route import RouteConfig, route
+    from adadepth.config import apply_overrides, merge
+    from adadepth.jobs.fit import fit, fit_config, fit_defaults
 
     if not (run_dir / "metrics.json").is_file():
         steps = entry.steps or preset.steps
@@ -148,17 +145,11 @@ def train_entry(entry: Entry, backbone: Path, run_dir: Path, preset: Preset, see
                  "device": device, "eval_interval": 10**9, "log_interval": 10,
                  "ckpt_interval": max(20, steps // 4)}
         resume = (run_dir / "config.json").is_file()
-        if entry.job == "route":
-            base = RouteConfig(backbone=str(backbone)).model_dump()
-            data = _merge(base, {**entry.config, "train": train})
-            options = apply_overrides(data, overrides_for(entry, preset.overrides))
-            cfg = validate(RouteConfig, options)
-            route(cfg, run_dir, resume=resume, show_progress=False)
-        else:
-            base = FitConfig(method=entry.config["method"]).model_dump(include={"optim", "train"})
-            data = _merge(base, {**entry.config, "backbone": str(backbone), "train": train})
-            options = apply_overrides(data, overrides_for(entry, preset.overrides))
-            fit(fit_config(options), run_dir, resume=resume, show_progress=False)
+        method = entry.config["method"]
+        data = merge(fit_defaults(method), {**entry.config, "backbone": str(backbone),
+                                            "train": train})
+        options = apply_overrides(data, overrides_for(entry, preset.overrides))
+        fit(fit_config(options), run_dir, resume=resume, show_progress=False)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -167,16 +158,9 @@ def overrides_for(entry: Entry, overrides: list[str]) -> list[str]:
     and its own method's options, not another method's."""
     from adadepth.depth import method_names
 
-    own = "routing" if entry.job == "route" else entry.config["method"]
-    other = (set(method_names()) | {"routing"}) - {own}
+    own = entry.config["method"]
+    other = set(method_names()) - {own}
     return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in other]
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # -- setting a knob to a budget -------------------------------------------------------------------
@@ -242,13 +226,10 @@ def knob_value_now(model: Method) -> float:
 # -- the study ----------------------------------------------------------------------------------
 def heldout(data, windows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibration windows (even) and evaluation windows (odd) from the validation split."""
-    val = data.split("val")
-    n = (len(val) - 1) // (length + 1)
-    all_windows = torch.from_numpy(val[: n * (length + 1)].astype("int64")).view(n, length + 1)
-    calibration, held_out = all_windows[0::2][:windows], all_windows[1::2][:windows]
+    calibration, held_out = data.halves("val", length + 1, windows)
     if len(held_out) < windows:
-        raise UserError(f"the validation split holds {n} windows of {length + 1} tokens; the "
-                        f"leaderboard needs {2 * windows}")
+        raise UserError(f"the validation split holds {len(data.split('val')) // (length + 1)} "
+                        f"windows of {length + 1} tokens; the leaderboard needs {2 * windows}")
     return calibration[:, :length], held_out
 
 

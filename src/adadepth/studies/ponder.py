@@ -234,6 +234,7 @@ def token_analysis(ada_dir: Path, backbone_dir: Path, batches: int, batch_size: 
     """Passes of every held-out token under AdaPonderLM beside its NLL under the backbone arm
     (and under AdaPonderLM itself): rank correlations, mean NLL per pass count, a sample."""
     from adadepth.data import load_corpus, prepare_tokens
+    from adadepth.depth.dispatch import Call
     from adadepth.model import causal_lm_loss
     from adadepth.runs import load_run
 
@@ -246,8 +247,10 @@ def token_analysis(ada_dir: Path, backbone_dir: Path, batches: int, batch_size: 
     passes, nll_bb, nll_ada = [], [], []
     for x, y in data.eval_batches("val", batch_size, block, batches):
         x, y = x.to(device), y.to(device)
-        nll_ada.append(causal_lm_loss(ada(x).logits, y, "none").flatten().cpu())
-        passes.append(ada.record.passes.flatten().cpu())
+        depth: list[torch.Tensor] = []
+        nll_ada.append(causal_lm_loss(ada(x, call=Call(depth=depth)).logits, y, "none")
+                       .flatten().cpu())
+        passes.append(depth[0].long().flatten())
         nll_bb.append(causal_lm_loss(backbone(x).logits, y, "none").flatten().cpu())
     p = torch.cat(passes).numpy()
     b, a = torch.cat(nll_bb).numpy(), torch.cat(nll_ada).numpy()

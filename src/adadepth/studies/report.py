@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from adadepth.jobs.route import smoothed  # noqa: E402
+from adadepth.depth.oracle import smoothed  # noqa: E402
 from adadepth.studies.findings import (  # noqa: E402
     Arms,
     by_arm,
