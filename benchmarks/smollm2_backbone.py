@@ -64,7 +64,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ev = evaluate_run(folder, corpus="tiny-shakespeare", block_size=256, batch_size=8,
-                      max_batches=args.eval_batches, device="cpu")
+                      max_batches=args.eval_batches, device="cpu", out=out / "eval")
     result["eval"] = {k: ev[k] for k in ("val_loss", "perplexity", "bits_per_token",
                                          "tokens_evaluated")}
     result["eval"]["wall_s"] = time.perf_counter() - t0

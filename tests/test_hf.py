@@ -22,7 +22,6 @@ from transformers import (
 
 import adadepth
 from adadepth.cli import main
-from adadepth.data import build_tokenizer
 from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -129,21 +128,6 @@ def test_cache_equals_no_cache(family: str) -> None:
 
 
 # -- directories, save/load, training ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path) -> Path:
-    """A tiny random Llama saved as a transformers directory with the GPT-2 tokenizer."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer("gpt2", None).hf
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def randomise_controller(model: RoutedModel, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -226,9 +210,10 @@ def test_controller_only_training_leaves_backbone_bitwise(llama_dir: Path) -> No
 
 def test_cli_eval_and_route_on_a_transformers_directory(llama_dir: Path, tmp_path: Path) -> None:
     assert main(["eval", str(llama_dir), "--corpus", "tiny-shakespeare", "--batches", "1",
-                 "--block-size", "32"]) == 0
-    result = json.loads((llama_dir / "eval.json").read_text())
+                 "--block-size", "32", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["kind"] == "hf" and result["val_loss"] > 0
+    assert not (llama_dir / "eval.json").exists()  # never written into the user's model folder
     out = tmp_path / "routed"
     assert main(["route", "--backbone", str(llama_dir), "--steps", "2", "--out", str(out),
                  "train.batch_size=2", "train.eval_batches=1", "data={block_size: 32}"]) == 0

@@ -54,13 +54,60 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                       "wall_s": round(result.wall_s, 1)}))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from adadepth.eval import evaluate_run
+# The options of one kind of `eval` only: given to the other, refused rather than ignored.
+TEXT_EVAL_OPTIONS, TASK_EVAL_OPTIONS = ("corpus", "block_size", "batches"), (
+    "include_path", "limit", "num_fewshot")
 
-    result = evaluate_run(Path(args.run), corpus=args.corpus, block_size=args.block_size,
-                          batch_size=args.batch_size, max_batches=args.batches,
-                          device=args.device)
-    print(json.dumps(result, indent=2))
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from adadepth.eval import evaluate_run, evaluate_tasks
+
+    unread = TEXT_EVAL_OPTIONS if args.tasks else TASK_EVAL_OPTIONS
+    for option in unread:
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option.replace('_', '-')} "
+                            f"{'is not read with --tasks' if args.tasks else 'needs --tasks'}")
+    out = Path(args.out) if args.out else None
+    if not args.tasks:
+        result = evaluate_run(Path(args.run), corpus=args.corpus, block_size=args.block_size,
+                              batch_size=args.batch_size, max_batches=args.batches,
+                              device=args.device, out=out)
+        print(json.dumps(result, indent=2))
+        return
+    include = Path(args.include_path) if args.include_path else None
+    result = evaluate_tasks(args.run, args.tasks, include, args.limit, args.num_fewshot,
+                            args.batch_size, args.device, out)
+    print(json.dumps(rounded(result), indent=2))
+
+
+def task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no task named")
+    return names
+
+
+def limit_value(text: str) -> int | float:
+    """lm-eval's --limit: a count of examples per task, or a fraction of each below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text} is neither a count >= 1 nor a fraction in (0, 1)")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def rounded(value):
@@ -246,13 +293,25 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 train.batch_size=8")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="validation loss, perplexity, bits per token/char")
-    p.add_argument("run")
+    p = sub.add_parser("eval", help="validation loss, perplexity, bits per token/char; or "
+                       "lm-eval tasks (--tasks)")
+    p.add_argument("run", help="a run folder, a transformers model directory, or a known "
+                   "backbone such as smollm2-135m")
     p.add_argument("--corpus")
     p.add_argument("--block-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--batches", type=positive_int, help="at most this many batches")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tasks", type=task_list, help="lm-evaluation-harness tasks instead, comma "
+                   "list (hellaswag,arc_easy; globs and task YAML files too): writes lm-eval's "
+                   "results JSON to lm_eval.json")
+    p.add_argument("--include-path", help="with --tasks: a folder of local task YAMLs")
+    p.add_argument("--limit", type=limit_value, help="with --tasks: at most N examples per "
+                   "task (a fraction below 1: that share of each)")
+    p.add_argument("--num-fewshot", type=non_negative_int,
+                   help="with --tasks: examples in each prompt (default: each task's own)")
+    p.add_argument("--out", help="where eval.json / lm_eval.json go (default: the run folder; "
+                   "for a transformers directory or known backbone, runs/eval-NAME)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text with the KV cache")

@@ -1,28 +1,75 @@
-"""`adadepth eval`: validation loss, perplexity and bits per token/char of a run folder."""
+"""`adadepth eval`: validation loss, perplexity and bits per token/char of a run folder, or
+lm-eval's tasks on it (`--tasks`, through the lm-eval model in `adadepth.hf.harness`).
+
+Results go beside the run: `eval.json` and `lm_eval.json` in an adadepth run folder. A
+transformers model directory or a known backbone name is someone else's model, never written
+into: its results go to `--out`, by default `runs/eval-NAME`.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adadepth import flops as fl
-from adadepth import runs
+from adadepth import hf, runs
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth import Method
 from adadepth.depth.dispatch import Call
+from adadepth.errors import UserError
 from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
 
 
-def evaluate_run(run_dir: Path, corpus: str | None = None, block_size: int | None = None,
+@dataclass
+class Target:
+    """A model to evaluate and the folder its results go to."""
+
+    loaded: runs.LoadedRun
+    out: Path
+    foreign: bool  # a transformers directory or known backbone: not ours to write into
+
+
+def load_target(spec: str | Path, out: Path | None = None, device: str = "auto") -> Target:
+    """An adadepth run folder, a transformers model directory, or a known backbone name
+    (smollm2-135m), loaded with its tokenizer; `out` overrides where results go."""
+    dev = str(resolve_device(device))
+    text = str(spec)
+    if hf.is_known(text):
+        loaded = runs.load_transformers(text, dev)
+        name = Path(text).stem.lower()  # smollm2-135m, or a GGUF file's name
+    else:
+        loaded = runs.load_run(Path(text), dev)
+        name = Path(text).resolve().name
+    foreign = loaded.meta.get("kind") == "hf"
+    if out is None:
+        out = Path(f"runs/eval-{name}") if foreign else Path(text)
+    return Target(loaded, Path(out), foreign)
+
+
+def where(target: Target, path: Path) -> dict[str, str]:
+    """The output's account of where the results went (and why, when not beside the model)."""
+    said = {"out": str(path)}
+    if target.foreign:
+        said["note"] = (f"{target.loaded.meta.get('ref')} is a transformers model, not an "
+                        f"adadepth run: results go to {path.parent}, never into its folder")
+    return said
+
+
+def evaluate_run(run_dir: Path | str, corpus: str | None = None, block_size: int | None = None,
                  batch_size: int = 8, max_batches: int | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    dev = resolve_device(device)
-    loaded = runs.load_run(run_dir, str(dev))
+                 device: str = "auto", out: Path | None = None) -> dict[str, Any]:
+    """Validation loss and the method's own figures, written to `eval.json` (see the module's
+    docstring for where); the result says where when it is not the run folder."""
+    target = load_target(run_dir, out, device)
+    loaded, dev = target.loaded, resolve_device(device)
     data_cfg = loaded.meta.get("data", {})
     corpus_name = corpus or data_cfg.get("corpus", "tiny-shakespeare")
     block = block_size or data_cfg.get("block_size", 256)
@@ -46,8 +93,39 @@ def evaluate_run(run_dir: Path, corpus: str | None = None, block_size: int | Non
     if callable(extra):  # adaptive models add their own figures (full fraction, FLOPs ratio)
         with torch.no_grad():
             result.update(extra(data, block, batch_size, max_batches))
-    ck.write_json_atomic(run_dir / "eval.json", result)
-    return result
+    target.out.mkdir(parents=True, exist_ok=True)
+    ck.write_json_atomic(target.out / "eval.json", result)
+    if target.out.resolve() == Path(str(run_dir)).resolve():
+        return result  # what eval.json holds, as ever
+    return {**result, **where(target, target.out / "eval.json")}
+
+
+def evaluate_tasks(run: Path | str, tasks: list[str], include_path: Path | None = None,
+                   limit: int | float | None = None, num_fewshot: int | None = None,
+                   batch_size: int = 8, device: str = "auto",
+                   out: Path | None = None) -> dict[str, Any]:
+    """lm-eval's tasks on a run (or a transformers directory, or a known backbone): lm-eval's
+    results JSON, with the compute the model really ran, written to `lm_eval.json` beside
+    `eval.json`. Returns a summary: each task's metrics, the compute, where the file went."""
+    if find_spec("lm_eval") is None:
+        raise UserError("lm-eval tasks need lm-eval: pip install -e '.[hf]' (or lm-eval>=0.4.5)")
+    from lm_eval.utils import handle_non_serializable
+
+    from adadepth.hf import harness
+
+    if not hf.is_known(str(run)):
+        runs.read_run_config(Path(run))  # a missing run fails before lm-eval reads its tasks
+    resolved = harness.resolve_tasks(tasks, include_path)  # and bad tasks before loading
+    target = load_target(run, out, device)
+    lm = harness.AdadepthLM(loaded=target.loaded, batch_size=batch_size)
+    results = harness.evaluate(lm, tasks, include_path, limit, num_fewshot, resolved=resolved)
+    results["adadepth"] = {"run": str(run), "kind": target.loaded.meta.get("kind")}
+    target.out.mkdir(parents=True, exist_ok=True)
+    path = target.out / "lm_eval.json"
+    # lm-eval's own serialisation of its results (its configs hold callables and numpy values)
+    ck.write_json_atomic(path, json.loads(json.dumps(results, default=handle_non_serializable)))
+    return {"run": str(run), "results": results["results"], "n-shot": results.get("n-shot"),
+            "compute": results["compute"], **where(target, path)}
 
 
 

@@ -52,6 +52,18 @@ class Tally:
     def add(self, name: str, amount: float, at: int | None = None) -> None:
         self.counts[name, at] += float(amount)
 
+    def copy(self) -> Tally:
+        out = Tally()
+        out.counts.update(self.counts)
+        return out
+
+    def minus(self, before: Tally) -> Tally:
+        """What was counted since `before` (a copy of this tally taken earlier)."""
+        out = Tally()
+        for key, value in self.counts.items():
+            out.counts[key] = value - before.counts.get(key, 0.0)
+        return out
+
     def get(self, name: str, at: int | None = None) -> float:
         return self.counts.get((name, at), 0.0)
 
