@@ -166,7 +166,8 @@ def test_controller_only_training_leaves_backbone_bitwise_unchanged():
 
 def train_g3_predictions_variance(aux: list[str], seed: int, steps: int = 60) -> float:
     torch.manual_seed(seed)
-    model = RoutedModel(Transformer(CFG), RoutingConfig(gate="g3", d_z=16, aux=aux))
+    model = RoutedModel(Transformer(CFG), RoutingConfig(gate="g3", d_z=16, aux=aux,
+                                                        oracle_layers=0))
     for r in model.routers:
         for p in r.cheap.parameters():
             torch.nn.init.normal_(p, std=0.2)
@@ -376,3 +377,26 @@ def test_token_depth_counts_full_path_layers():
     with torch.no_grad():
         model(batch(b=2, t=5)[0], call=Call(depth=depth))
     assert len(depth) == 1 and torch.equal(depth[0], torch.full((2, 5), 2.0))
+
+
+def test_the_default_labelling_keeps_a_deep_models_step_near_the_target_proxy() -> None:
+    """Labelling every controlled layer of a 30-layer model costs many dense steps; by default a
+    step labels as many as stay within oracle_proxy (at least one), drawn at random."""
+    from adadepth.depth.oracle import LabelDraws, label_count, label_layers
+
+    deep = ModelConfig(vocab_size=500, d_model=32, n_layers=30, n_heads=4, d_ff=64,
+                       max_seq_len=64)
+    model = RoutedModel(Transformer(deep), RoutingConfig(gate="g1", d_z=8))
+    layers = model.layers
+    everything = training_flops(model, 32, [0.5] * len(layers), layers)
+    assert everything > 4 * dense_training_flops(model, 32)
+    k = label_count(model, 32)
+    spread = [layers[round(i * (len(layers) - 1) / (k - 1))] for i in range(k)] if k > 1 else []
+    if spread:
+        assert training_flops(model, 32, [0.5] * len(layers), spread) <= 1.5 * (
+            dense_training_flops(model, 32))
+    draws = LabelDraws.seeded(0)
+    picked = [label_layers(model, draws, 32) for _ in range(20)]
+    assert all(len(p) == k for p in picked) and len({tuple(p) for p in picked}) > 1
+    model.options.oracle_layers = 0
+    assert label_layers(model, draws, 32) == layers

@@ -23,7 +23,6 @@ from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth import Method
 from adadepth.depth.dispatch import Call
 from adadepth.errors import UserError
-from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
 
@@ -80,7 +79,7 @@ def evaluate_run(run_dir: Path | str, corpus: str | None = None, block_size: int
     data = prepare_tokens(text, loaded.tokenizer)
     data.check_block(block)
     model = loaded.model
-    val_loss, tokens = evaluate(lambda x, y: causal_lm_loss(model(x).logits, y), data, "val",
+    val_loss, tokens = evaluate(lambda x, y: model(x).loss(y), data, "val",
                                 batch_size, block, dev, max_batches)
     result: dict[str, Any] = {
         "run": str(run_dir), "kind": loaded.meta.get("kind"), "corpus": corpus_name,
@@ -147,12 +146,12 @@ def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16, prompt:
                  else (model, None))
     for rows in windows.split(batch_size):
         cache = runner.new_cache(rows.shape[0], T)
-        logits = [runner(rows[:, :prompt], cache, 0).logits]
+        # each call's loss at once: the logits of a whole window never sit in memory together
+        losses = [runner(rows[:, :prompt], cache, 0).loss(rows[:, 1:prompt + 1], "none")]
         for t in range(prompt, T):
-            logits.append(runner(rows[:, t:t + 1], cache, t).logits)
-        targets = rows[:, 1:T + 1]
-        total += causal_lm_loss(torch.cat(logits, 1), targets, "none").sum().item()
-        count += targets.numel()
+            losses.append(runner(rows[:, t:t + 1], cache, t).loss(rows[:, t + 1:t + 2], "none"))
+        total += torch.cat(losses, 1).sum().item()
+        count += rows[:, 1:T + 1].numel()
         if parts:
             depth.append(torch.cat(parts, 1))
             parts.clear()

@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from adadepth import flops as fl
 from adadepth.depth.dispatch import Call, Tally
 from adadepth.depth.method import Method
 from adadepth.errors import UserError
-from adadepth.model import LayerStack, causal_lm_loss
+from adadepth.model import LayerStack, chunked_lm_loss
 
 
 def check_backbone(backbone: Any, method: str) -> None:
@@ -82,15 +81,10 @@ def layer_states(backbone: nn.Module, idx: Tensor,
 
 def exit_loss(heads: ExitHeads, backbone: nn.Module, layer: int, h: Tensor,
               targets: Tensor) -> Tensor:
-    """LM loss of the logits read after `layer`. While training, the logits are recomputed in
-    the backward pass rather than kept: one (B, T, V) tensor per layer would not fit in memory
-    with a real vocabulary."""
-    def loss(state: Tensor) -> Tensor:
-        return causal_lm_loss(heads.logits(backbone, layer, state), targets)
-
-    if torch.is_grad_enabled():
-        return checkpoint(loss, h, use_reentrant=False)
-    return loss(h)
+    """LM loss of the logits read after `layer`, computed in pieces of positions whose logits
+    are recomputed in the backward pass rather than kept: one (B, T, V) tensor per layer would
+    not fit in memory with a real vocabulary."""
+    return chunked_lm_loss(lambda state: heads.logits(backbone, layer, state), h, targets)
 
 
 # -- counting what ran ----------------------------------------------------------------------

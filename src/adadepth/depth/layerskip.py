@@ -114,7 +114,7 @@ class LayerSkipModel(ExitMethod):
         x, ctx = bb.prepare(idx, cache, start, positions=positions)
         for i in range(depth):
             x = bb.run_layer(i, x, ctx)
-        return Output(logits=self.heads.logits(bb, depth - 1, x), hidden=x)
+        return Output(hidden=x, head=lambda h: self.heads.logits(bb, depth - 1, h))
 
     def speculator_for(self, call: Call) -> Speculator | None:
         if call.force is True or self.decoding != "speculative":

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from adadepth.depth.dispatch import PLAIN, Bound, Call, Measurement, Tally
-from adadepth.model import KVCache, LayerStack, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output
 from adadepth.model.state import unique_state
 
 
@@ -219,7 +219,7 @@ class Method(nn.Module):
     def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         """The loss one training step minimises, and figures to log; by default the LM loss
         of the method's own training-mode forward."""
-        loss = causal_lm_loss(self(x).logits, y)
+        loss = self(x).loss(y)
         return StepLoss(loss, {"lm_loss": loss.item()})
 
     def training_flops_per_token(self, seq_len: int) -> float:

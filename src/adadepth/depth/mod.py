@@ -51,7 +51,7 @@ from adadepth.depth.dispatch import (
 from adadepth.depth.method import Evaluate, Knob, Measurement, Method, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, LayerStack, Output, causal_lm_loss
+from adadepth.model import Context, KVCache, LayerStack, Output
 
 
 class MoDConfig(Strict):
@@ -175,7 +175,7 @@ class MixtureOfDepths(Method):
             unrouted = bb.n_layers - len(self.layers)
             call.note_depth(torch.stack([call.records["mask", j] for j in range(len(self.layers))])
                             .sum(0) + unrouted)
-        return Output(logits=bb.head(x), hidden=x)
+        return Output(hidden=x, head=bb.head)
 
     def routed_block(self, j: int, layer: int, x: Tensor, ctx: Context) -> Tensor:
         call = ctx.call if ctx.call is not None else PLAIN
@@ -238,7 +238,7 @@ class MixtureOfDepths(Method):
         the router's own (aux_loss, on the LM's gradient path) or the predictor's (which
         reads a stop-gradient input, so it leaves the LM objective alone)."""
         records: dict[Any, Any] = {}
-        lm = causal_lm_loss(self(x, call=Call(records=records)).logits, y)
+        lm = self(x, call=Call(records=records)).loss(y)
         targets = [records["target", j] for j in range(len(self.layers))
                    if ("target", j) in records]
         bce = torch.stack([membership_loss(s, m) for s, m in targets]).mean()
@@ -360,12 +360,12 @@ class MixtureOfDepths(Method):
         if self.options.threshold == "calibrated":
             self.calibrate(calibration)
         x, y = held_out[:, :-1], held_out[:, 1:]
-        topk_loss = causal_lm_loss(self(x, call=Call(rule="topk")).logits, y).item()
+        topk_loss = self(x, call=Call(rule="topk")).loss(y).item()
         agree, agree_half = [], []
         for j, (score, mask) in enumerate(self._topk_scores(x)):
             agree.append(((score > self.routers[j].rule.threshold) == mask).float().mean().item())
             agree_half.append(((score > 0) == mask).float().mean().item())
-        causal_loss = causal_lm_loss(self(x, call=Call(rule="causal")).logits, y).item()
+        causal_loss = self(x, call=Call(rule="causal")).loss(y).item()
         realised = self.measured_over([x]).summary()["capacity_per_layer"]
         return {"capacity": self.capacity, "routed_layers": self.layers,
                 "thresholds": [r.rule.threshold.item() for r in self.routers],

@@ -27,7 +27,7 @@ from adadepth import flops as fl
 from adadepth.depth.dispatch import Call, membership_loss
 from adadepth.depth.method import StepLoss, TrainingPlan
 from adadepth.depth.routing import RoutedModel, RouteRecord
-from adadepth.model import Context, causal_lm_loss
+from adadepth.model import Context, chunked_lm_loss
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def token_losses_from(model: RoutedModel, layer: int, x: Tensor, ctx: Context, t
     counterfactual = ctx.with_call(model.routed(Call(forced=forced)))
     for i in range(layer, model.backbone.n_layers):
         x = model.backbone.run_layer(i, x, counterfactual)
-    return causal_lm_loss(model.backbone.head(x), targets, reduction="none")
+    return chunked_lm_loss(model.backbone.head, x, targets, reduction="none")
 
 
 def oracle_utilities(model: RoutedModel, layer_inputs: dict[int, Tensor], ctx: Context,
@@ -88,14 +88,15 @@ def rank_loss(score: Tensor, utility: Tensor, margin: float = 0.0,
 @dataclass
 class LabelDraws:
     """The seeded draws of a training run: which layers the oracle labels, which pairs the rank
-    loss samples on long sequences."""
+    loss samples on long sequences; and how many layers a step labels, per sequence length."""
 
     layers: random.Random
     pairs: torch.Generator
+    counts: dict[int, int]
 
     @classmethod
     def seeded(cls, seed: int) -> LabelDraws:
-        return cls(random.Random(seed), torch.Generator().manual_seed(seed))
+        return cls(random.Random(seed), torch.Generator().manual_seed(seed), {})
 
 
 def begin_training(model: RoutedModel, plan: TrainingPlan) -> dict[str, Any]:
@@ -103,16 +104,35 @@ def begin_training(model: RoutedModel, plan: TrainingPlan) -> dict[str, Any]:
     the threshold hits."""
     model.training_state = LabelDraws.seeded(plan.seed)
     dense = model.dense_reference()
-    reference = plan.evaluate(lambda x, y: causal_lm_loss(dense(x).logits, y), "train")
+    reference = plan.evaluate(lambda x, y: dense(x).loss(y), "train")
     return {"reference_dense_loss": reference}
 
 
-def label_layers(model: RoutedModel, draws: LabelDraws) -> list[int]:
+def label_layers(model: RoutedModel, draws: LabelDraws, seq_len: int) -> list[int]:
     if not {"util", "rank"} & set(model.options.aux):
         return []
     n = model.options.oracle_layers
+    if n is None:
+        if seq_len not in draws.counts:
+            draws.counts[seq_len] = label_count(model, seq_len)
+        n = draws.counts[seq_len]
     layers = model.layers
     return sorted(draws.layers.sample(layers, n)) if 0 < n < len(layers) else list(layers)
+
+
+def label_count(model: RoutedModel, seq_len: int) -> int:
+    """The most controlled layers a step can label within `oracle_proxy` times a dense training
+    step of the same tokens (at least one): the counterfactual passes of a labelled layer run
+    every layer above it twice, so on a deep model labelling all of them costs many dense
+    steps. Estimated at the budget's full fraction, the labelled layers spread evenly."""
+    layers, target = model.layers, model.options.oracle_proxy
+    fractions = [model.budget] * len(layers)
+    dense = dense_training_flops(model, seq_len)
+    for k in range(len(layers), 1, -1):
+        spread = [layers[round(i * (len(layers) - 1) / (k - 1))] for i in range(k)]
+        if training_flops(model, seq_len, fractions, spread) <= target * dense:
+            return k
+    return 1
 
 
 def training_loss(model: RoutedModel, x: Tensor, y: Tensor) -> StepLoss:
@@ -121,7 +141,7 @@ def training_loss(model: RoutedModel, x: Tensor, y: Tensor) -> StepLoss:
     if model.training_state is None:
         model.training_state = LabelDraws.seeded(0)
     draws = model.training_state
-    labelled = label_layers(model, draws)
+    labelled = label_layers(model, draws, x.shape[1])
     records: dict[int, RouteRecord] = {}
     h, ctx = bb.prepare(x, call=model.routed(Call(records=records)))
     layer_inputs: dict[int, Tensor] = {}
@@ -129,7 +149,7 @@ def training_loss(model: RoutedModel, x: Tensor, y: Tensor) -> StepLoss:
         if i in labelled:
             layer_inputs[i] = h.detach()
         h = bb.run_layer(i, h, ctx)
-    lm = causal_lm_loss(bb.head(h), y)
+    lm = chunked_lm_loss(bb.head, h, y)
     loss, metrics = lm, {"lm_loss": lm.item()}
     if layer_inputs:
         utilities = oracle_utilities(model, layer_inputs, ctx, y, cfg.oracle)
@@ -161,6 +181,7 @@ def training_loss(model: RoutedModel, x: Tensor, y: Tensor) -> StepLoss:
     fractions = [records[layer].mask.float().mean().item() for layer in model.layers]
     for layer, f in zip(model.layers, fractions, strict=True):
         metrics[f"full_fraction/L{layer}"] = f
+    metrics["oracle_labels"] = float(len(layer_inputs))
     per_token = training_flops(model, x.shape[1], fractions, list(layer_inputs))
     metrics["flops_proxy"] = per_token / dense_training_flops(model, x.shape[1])
     return StepLoss(loss, metrics, per_token)
@@ -262,4 +283,6 @@ def training_summary(model: RoutedModel, history: list[dict[str, Any]],
         "full_fraction_train": [sum(r[f"full_fraction/L{i}"] for r in history) / len(history)
                                 for i in model.layers],
         "flops_proxy": sum(r["flops_proxy"] for r in history) / len(history),
+        "oracle_labels_per_step": sum(r.get("oracle_labels", 0.0) for r in history)
+        / len(history),
     }

@@ -43,7 +43,7 @@ from adadepth.depth.gates import mlp
 from adadepth.depth.method import Knob, Method, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import KVCache, LayerStack, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output
 
 Halting = Literal["learned", "none", "uniform", "geometric"]
 
@@ -268,7 +268,7 @@ class PonderModel(Method):
         """CE + lambda * bottomK_k(gates): the mean of the smallest k-fraction of the gate
         values computed in the batch (tokens x passes)."""
         records: dict[str, Any] = {}
-        ce = causal_lm_loss(self(x, call=Call(records=records)).logits, y)
+        ce = self(x, call=Call(records=records)).loss(y)
         record: PonderRecord = records["ponder"]
         metrics = {"lm_loss": ce.item(), "avg_passes": record.passes.float().mean().item()}
         loss = ce

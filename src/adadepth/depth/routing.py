@@ -56,7 +56,7 @@ from adadepth.depth.gates import Gate
 from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss, TrainingPlan
 from adadepth.depth.registry import build, register
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, LayerStack, Output, causal_lm_loss
+from adadepth.model import Context, KVCache, LayerStack, Output
 
 
 class RoutingConfig(Strict):
@@ -84,7 +84,12 @@ class RoutingConfig(Strict):
                                  "next decision is forced back toward the budget")
     aux: list[Literal["util", "rank", "jepa"]] = Field(default_factory=lambda: ["util", "rank"])
     oracle: Literal["off_policy", "on_policy"] = "off_policy"
-    oracle_layers: int = Field(0, ge=0, description="layers labelled per step; 0 = all")
+    oracle_layers: int | None = Field(
+        None, ge=0, description="controlled layers the oracle labels per step, drawn at random; "
+        "None = as many as keep a step's training FLOPs within oracle_proxy times a dense "
+        "training step (at least one); 0 = all")
+    oracle_proxy: float = Field(1.5, gt=0, description="the FLOPs proxy the default number of "
+                                "labelled layers aims at (the paper reports ~1.5x with util/rank)")
     lambda_util: float = Field(1.0, ge=0)
     lambda_rank: float = Field(1.0, ge=0)
     lambda_jepa: float = Field(1.0, ge=0)
@@ -428,7 +433,7 @@ class RoutedModel(Method):
         from adadepth.depth.oracle import training_summary
 
         topk = Call(rule="topk")
-        val_topk = evaluate(lambda x, y: causal_lm_loss(self(x, call=topk).logits, y), "val")
+        val_topk = evaluate(lambda x, y: self(x, call=topk).loss(y), "val")
         return {**training_summary(self, history, figures), "val_lm_topk": val_topk}
 
     def calibration_windows(self, default: int) -> int:

@@ -26,7 +26,7 @@ from adadepth.depth.dispatch import PLAIN, Call, Tally
 from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import KVCache, LayerStack, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output
 
 
 class StaticSkipConfig(Strict):
@@ -78,7 +78,7 @@ class StaticSkip(Method):
         call.count("layers", idx.numel() * len(kept))
         if call.depth is not None:
             call.note_depth(torch.full(idx.shape, len(kept)))
-        return Output(logits=bb.head(x), hidden=x)
+        return Output(hidden=x, head=bb.head)
 
     def set_skipped(self, layers: list[int]) -> None:
         self.skipped.zero_()
@@ -174,8 +174,8 @@ class StaticSkip(Method):
         windows = calibration[:self.options.calibration_windows]
         chosen = self.choose(windows, self.options.budget)
         x, y = held_out[:, :-1], held_out[:, 1:]
-        loss = causal_lm_loss(self(x).logits, y).item()
-        dense_loss = causal_lm_loss(self.dense_reference()(x).logits, y).item()
+        loss = self(x).loss(y).item()
+        dense_loss = self.dense_reference()(x).loss(y).item()
         context = fl.causal_context(x.shape[1])
         return {"skipped_layers": chosen, "block_influence": self.influence.tolist(),
                 "flops_fraction": self.flops_per_token(context)

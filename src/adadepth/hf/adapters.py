@@ -308,7 +308,7 @@ class HFAdapter(nn.Module):
         x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
-        return Output(logits=self.head(x), hidden=x)
+        return Output(hidden=x, head=self.head)
 
     # -- the backbone's own weights ------------------------------------------------------------
     @contextmanager

@@ -39,7 +39,7 @@ from adadepth.data import build_tokenizer, load_corpus, prepare_tokens
 from adadepth.depth import Method, method_spec
 from adadepth.depth.method import Evaluate, TrainingPlan
 from adadepth.errors import UserError
-from adadepth.model import Transformer, causal_lm_loss
+from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
 from adadepth.train.parallel import is_main
@@ -96,7 +96,7 @@ class MethodObjective(nn.Module):
         return StepOutput(loss=out.loss, metrics=out.metrics, flops=per_token * y.numel())
 
     def lm_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return causal_lm_loss(self.model(x).logits, y)
+        return self.model(x).loss(y)
 
     def checkpoint_state(self) -> dict[str, Tensor]:
         return self.model.method_state()

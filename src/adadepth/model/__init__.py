@@ -7,6 +7,7 @@ from adadepth.model.transformer import (
     SwiGLU,
     Transformer,
     causal_lm_loss,
+    chunked_lm_loss,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "Transformer",
     "attention_mask",
     "causal_lm_loss",
+    "chunked_lm_loss",
 ]

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from adadepth.config import ModelConfig
 from adadepth.model.cache import Context, KVCache, attention_mask
@@ -250,10 +252,30 @@ class Block(nn.Module):
                     else self.ffn(u))
 
 
-@dataclass
 class Output:
-    logits: Tensor
-    hidden: Tensor  # final hidden state before the last norm
+    """A forward's result: the final hidden state (before the last norm) and the logits, given,
+    or computed from the hidden state by `head` when first read. `loss` never needs them all at
+    once: with a head it computes the LM loss position chunk by position chunk."""
+
+    def __init__(self, logits: Tensor | None = None, hidden: Tensor | None = None, *,
+                 head: Callable[[Tensor], Tensor] | None = None) -> None:
+        if logits is None and (head is None or hidden is None):
+            raise ValueError("an Output needs its logits, or a hidden state and a head")
+        self._logits, self.hidden, self.head = logits, hidden, head
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            assert self.head is not None and self.hidden is not None
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    def loss(self, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the next tokens `targets` (B, T), in nats, computed in fp32."""
+        if self._logits is not None or self.head is None:
+            return causal_lm_loss(self.logits, targets, reduction)
+        assert self.hidden is not None
+        return chunked_lm_loss(self.head, self.hidden, targets, reduction)
 
 
 class Transformer(nn.Module):
@@ -363,10 +385,42 @@ class Transformer(nn.Module):
         x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
-        return Output(logits=self.head(x), hidden=x)
+        return Output(hidden=x, head=self.head)
 
 
 def causal_lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy in nats per token, computed in fp32."""
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
     return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+# Logits computed at once in one piece of a chunked loss: 2^24 floats, 64 MiB in fp32 (341
+# positions of SmolLM2's 49,152-token vocabulary, 64 of a 262k one).
+CHUNK_LOGITS = 2**24
+
+
+def chunked_lm_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                    reduction: str = "mean", chunk: int | None = None) -> Tensor:
+    """`causal_lm_loss(head(hidden), targets)` without ever holding the logits of more than
+    `chunk` positions (default: CHUNK_LOGITS logits' worth): each piece's logits are computed,
+    reduced to its losses and dropped; in the backward pass they are recomputed (activation
+    checkpointing), so peak memory is one piece's logits whatever the batch and vocabulary.
+    When the whole call fits in one piece, it is the plain loss, to the bit."""
+    flat_h, flat_t = hidden.flatten(0, -2), targets.flatten()
+    n = flat_t.numel()
+    if chunk is None:
+        with torch.no_grad():  # the vocabulary size, from one position's logits
+            vocab = head(flat_h[:1]).shape[-1]
+        chunk = max(1, CHUNK_LOGITS // vocab)
+    if n <= chunk:
+        return causal_lm_loss(head(hidden), targets, reduction)
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="none")
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(piece, flat_h[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False)
+             if grad else piece(flat_h[i:i + chunk], flat_t[i:i + chunk])
+             for i in range(0, n, chunk)]
+    losses = torch.cat(parts)
+    return losses.mean() if reduction == "mean" else losses.view(targets.shape)

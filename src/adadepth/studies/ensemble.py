@@ -35,7 +35,6 @@ from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth.ensemble import EnsembleConfig, EnsembleModel
 from adadepth.errors import UserError
 from adadepth.jobs.fit import FitConfig, fit
-from adadepth.model import causal_lm_loss
 from adadepth.studies import ensemble_report
 from adadepth.studies.aux_losses import backbone_dir
 from adadepth.studies.plan import run_plan
@@ -106,7 +105,7 @@ def before_tuning(backbone: Path, recipe: Recipe, device: str) -> dict[str, Any]
     data = prepare_tokens(corpus, loaded.tokenizer)
     block = min(recipe.block_size, loaded.model.cfg.max_seq_len)
     model = EnsembleModel(loaded.model, EnsembleConfig()).eval()
-    val, _ = evaluate(lambda x, y: causal_lm_loss(loaded.model(x).logits, y), data, "val",
+    val, _ = evaluate(lambda x, y: loaded.model(x).loss(y), data, "val",
                       recipe.batch_size, block, torch.device(device), recipe.eval_batches)
     report = model.eval_report(data, block, recipe.batch_size, recipe.eval_batches)
     return {"val_loss": val, "val_accuracy": report["final_layer_accuracy"],

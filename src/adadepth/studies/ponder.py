@@ -235,7 +235,6 @@ def token_analysis(ada_dir: Path, backbone_dir: Path, batches: int, batch_size: 
     (and under AdaPonderLM itself): rank correlations, mean NLL per pass count, a sample."""
     from adadepth.data import load_corpus, prepare_tokens
     from adadepth.depth.dispatch import Call
-    from adadepth.model import causal_lm_loss
     from adadepth.runs import load_run
 
     loaded = load_run(ada_dir)
@@ -248,10 +247,10 @@ def token_analysis(ada_dir: Path, backbone_dir: Path, batches: int, batch_size: 
     for x, y in data.eval_batches("val", batch_size, block, batches):
         x, y = x.to(device), y.to(device)
         depth: list[torch.Tensor] = []
-        nll_ada.append(causal_lm_loss(ada(x, call=Call(depth=depth)).logits, y, "none")
+        nll_ada.append(ada(x, call=Call(depth=depth)).loss(y, "none")
                        .flatten().cpu())
         passes.append(depth[0].long().flatten())
-        nll_bb.append(causal_lm_loss(backbone(x).logits, y, "none").flatten().cpu())
+        nll_bb.append(backbone(x).loss(y, "none").flatten().cpu())
     p = torch.cat(passes).numpy()
     b, a = torch.cat(nll_bb).numpy(), torch.cat(nll_ada).numpy()
     by_passes = {int(k): {"tokens": int((p == k).sum()), "backbone_nll": float(b[p == k].mean()),

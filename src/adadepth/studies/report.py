@@ -134,10 +134,14 @@ def backbone_words(results: dict[str, Any]) -> str:
 def oracle_words(recipe: dict[str, Any]) -> str:
     """How many controlled layers the util/rank oracle labels per step: it drives their cost."""
     options = recipe.get("routing", {})
-    n = options.get("oracle_layers", 0)
-    words = ("util/rank label every controlled layer at every step" if not n else
-             f"util/rank label {n} controlled layer{'s' if n > 1 else ''} per step, drawn at "
-             "random")
+    n = options.get("oracle_layers", 0)  # studies before the sized default labelled all
+    if n is None:
+        words = ("util/rank label as many controlled layers per step as keep the FLOPs proxy "
+                 f"within {options.get('oracle_proxy', 1.5):g}x, drawn at random")
+    else:
+        words = ("util/rank label every controlled layer at every step" if not n else
+                 f"util/rank label {n} controlled layer{'s' if n > 1 else ''} per step, drawn "
+                 "at random")
     others = [f"`routing.{k}={v}`" for k, v in options.items() if k != "oracle_layers"]
     others += [f"`train.{k}={v}`" for k, v in recipe.get("train", {}).items()]
     return words + (f"; every run also sets {', '.join(others)}" if others else "")
