@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from adadepth.config import PretrainConfig, apply_overrides, preset
+from adadepth.jobs.fit import fit
 from adadepth.jobs.pretrain import pretrain
-from adadepth.jobs.route import route
 from adadepth.studies.aux_losses import Arm, arms_of, run_config
 from adadepth.studies.recipes import Recipe, recipe_for
 from adadepth.train import loop
@@ -113,7 +113,7 @@ def main() -> None:
         if cost_key(arm) not in seen:
             probe = dataclasses.replace(recipe, controller_steps=n)
             cfg = run_config(arm, 0, out / "bb", probe, "cpu")
-            seen[cost_key(arm)] = cost(lambda cfg=cfg, folder=out / arm.name: route(
+            seen[cost_key(arm)] = cost(lambda cfg=cfg, folder=out / arm.name: fit(
                 cfg, folder, show_progress=False))
         step, fixed = seen[cost_key(arm)]
         run = fixed + step * recipe.controller_steps

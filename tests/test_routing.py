@@ -400,3 +400,62 @@ def test_the_default_labelling_keeps_a_deep_models_step_near_the_target_proxy() 
     assert all(len(p) == k for p in picked) and len({tuple(p) for p in picked}) > 1
     model.options.oracle_layers = 0
     assert label_layers(model, draws, 32) == layers
+
+
+def test_a_pruned_cheap_path_that_keeps_every_neuron_is_the_full_ffn() -> None:
+    """Copied from the full FFN on calibration text: keeping all d_ff neurons, a model with
+    every token on the cheap path is the dense model."""
+    from adadepth.depth.oracle import init_cheap_paths
+
+    torch.manual_seed(0)
+    backbone = Transformer(CFG)
+    model = RoutedModel(backbone, RoutingConfig(gate="all-cheap", aux=[], cheap="pruned",
+                                                rank=CFG.d_ff)).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        dense = model.dense_reference()(x).logits
+        before = model(x).logits  # cheap at its start: zero output, skip
+        assert (before - dense).abs().max() > 1e-2
+        init_cheap_paths(model, batch(b=4, seed=3)[0])
+        torch.testing.assert_close(model(x).logits, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_keeps_the_important_neurons_and_the_refit_helps() -> None:
+    """A quarter of the neurons, chosen by their contribution on calibration text, reproduces
+    the full FFN better than zero (skip) and than a quarter chosen at random; refitting the
+    output on the calibration text is no worse on other text (on random inputs the dropped
+    neurons are independent of the kept ones, so it cannot gain much here)."""
+    from adadepth.depth.cheap import PrunedFFN
+
+    torch.manual_seed(0)
+    full = Transformer(CFG).blocks[1].ffn
+    with torch.no_grad():  # a few neurons that matter far more than the rest
+        full.down_proj.weight[:, :8] *= 20
+    inputs = [torch.randn(4, 16, CFG.d_model) for _ in range(20)]  # 1280 tokens
+    test = torch.randn(4, 16, CFG.d_model)
+    target = full(test)
+
+    def error(ffn: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return ((ffn(test) - target).norm() / target.norm()).item()
+
+    pruned = PrunedFFN(CFG.d_model, CFG.d_ff // 4, torch.nn.SiLU())
+    kept = pruned.init_from(full, inputs)
+    assert set(range(8)) <= set(kept.tolist())
+    copied = PrunedFFN(CFG.d_model, CFG.d_ff // 4, torch.nn.SiLU())
+    copied.init_from(full, inputs)  # then its refitted projection is put back (below)
+    random_quarter = PrunedFFN(CFG.d_model, CFG.d_ff // 4, torch.nn.SiLU())
+    idx = torch.randperm(CFG.d_ff, generator=torch.Generator().manual_seed(1))[:CFG.d_ff // 4]
+    with torch.no_grad():
+        random_quarter.gate_proj.weight.copy_(full.gate_proj.weight[idx])
+        random_quarter.up_proj.weight.copy_(full.up_proj.weight[idx])
+        random_quarter.down_proj.weight.copy_(full.down_proj.weight[:, idx])
+        copied.down_proj.weight.copy_(full.down_proj.weight[:, kept])
+    assert error(pruned) <= 1.001 * error(copied) < error(random_quarter) < 1.0
+
+
+def test_pruned_needs_a_gated_ffn() -> None:
+    from adadepth.depth.registry import build
+
+    with pytest.raises(UserError, match="gated FFN"):
+        build("cheap", "pruned", d_model=8, d_ff=16, full=torch.nn.Linear(8, 8))

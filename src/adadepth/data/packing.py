@@ -82,18 +82,21 @@ class TokenData:
             yield windows[:, :-1], windows[:, 1:]
 
 
-    def windows(self, split: str, length: int) -> torch.Tensor:
-        """Every consecutive non-overlapping window of `length` tokens of a split, from its
-        start, (n, length) (a window to score holds its targets: ask for block + 1)."""
+    def windows(self, split: str, length: int, count: int | None = None) -> torch.Tensor:
+        """The first `count` (default: every) consecutive non-overlapping windows of `length`
+        tokens of a split, (n, length); a window to score holds its targets: ask for block + 1.
+        Only the tokens asked for are read from the memory-mapped stream."""
         data = self.split(split)
         n = len(data) // length if length else 0
+        if count is not None:
+            n = min(n, count)
         return torch.from_numpy(data[: n * length].astype(np.int64)).view(n, length)
 
     def halves(self, split: str, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two disjoint sets of up to `count` windows: the even ones (to calibrate on) and the
         odd ones (to measure on): different text from the same distribution."""
-        windows = self.windows(split, length)
-        return windows[0::2][:count], windows[1::2][:count]
+        windows = self.windows(split, length, 2 * count)
+        return windows[0::2], windows[1::2]
 
 
 def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer) -> TokenData:

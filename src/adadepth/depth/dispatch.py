@@ -88,7 +88,8 @@ class Call:
     reference; False: none of it). `forced`: the same per site, winning over `force` (oracle
     counterfactuals force one layer). `tally` counts what ran; `records` keeps what a training
     loss reads, by site; `depth` gets each forward's per-token depth (B, T) appended;
-    `collect` gathers the causal scores of the sites it names (calibration). `setting` is the
+    `collect` gathers the causal scores of the sites it names (calibration), `inputs` the inputs
+    those sites receive (initialising what a method adds from the backbone). `setting` is the
     method's knob value for the call, set by its forward for the modules it installed inside the
     stack (routing's FFNs read their budget there: the model holds it once).
 
@@ -97,16 +98,18 @@ class Call:
     a module's arguments.
     """
 
-    __slots__ = ("rule", "force", "forced", "tally", "records", "depth", "collect", "setting")
+    __slots__ = ("rule", "force", "forced", "tally", "records", "depth", "collect", "inputs",
+                 "setting")
 
     def __init__(self, rule: Rule = "auto", force: bool | None = None,
                  forced: dict[int, bool | None] | None = None, tally: Tally | None = None,
                  records: dict[Any, Any] | None = None, depth: list[Tensor] | None = None,
                  collect: dict[int, list[Tensor]] | None = None,
+                 inputs: dict[int, list[Tensor]] | None = None,
                  setting: float | None = None) -> None:
         self.rule, self.force, self.forced = rule, force, forced
         self.tally, self.records, self.depth = tally, records, depth
-        self.collect, self.setting = collect, setting
+        self.collect, self.inputs, self.setting = collect, inputs, setting
 
     def topk(self, training: bool) -> bool:
         return self.rule == "topk" or (self.rule == "auto" and training)

@@ -59,12 +59,15 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What `adadepth fit` tells a method before training: how long, with which seed, and how
-    to measure a loss on the job's data (`evaluate`)."""
+    """What `adadepth fit` tells a method before training: how long, with which seed, how to
+    measure a loss on the job's data (`evaluate`), a few training windows to initialise from
+    (`windows`), and whether the backbone is new (`from_scratch`)."""
 
     total_steps: int
     seed: int
-    evaluate: Evaluate
+    evaluate: Evaluate | None = None
+    windows: Tensor | None = None
+    from_scratch: bool = False
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adadepth import flops as fl
+from adadepth.depth.cheap import PrunedFFN
 from adadepth.depth.dispatch import Call, membership_loss
 from adadepth.depth.method import StepLoss, TrainingPlan
 from adadepth.depth.routing import RoutedModel, RouteRecord
@@ -100,12 +101,33 @@ class LabelDraws:
 
 
 def begin_training(model: RoutedModel, plan: TrainingPlan) -> dict[str, Any]:
-    """Seed the draws; the frozen backbone's dense loss on training windows is the reference of
-    the threshold hits."""
+    """Seed the draws; copy pruned cheap paths from the full FFNs over a pretrained backbone;
+    the frozen backbone's dense loss on training windows is the reference of the threshold
+    hits."""
     model.training_state = LabelDraws.seeded(plan.seed)
-    dense = model.dense_reference()
-    reference = plan.evaluate(lambda x, y: dense(x).loss(y), "train")
-    return {"reference_dense_loss": reference}
+    figures: dict[str, Any] = {}
+    if plan.windows is not None and not plan.from_scratch:
+        figures.update(init_cheap_paths(model, plan.windows))
+    if plan.evaluate is not None:
+        dense = model.dense_reference()
+        figures["reference_dense_loss"] = plan.evaluate(lambda x, y: dense(x).loss(y), "train")
+    return figures
+
+
+@torch.no_grad()
+def init_cheap_paths(model: RoutedModel, windows: Tensor, chunk: int = 8) -> dict[str, Any]:
+    """Initialise every `pruned` cheap path from its layer's full FFN on the FFN inputs the
+    dense backbone gives calibration `windows` (`PrunedFFN.init_from`)."""
+    pruned = {r.site: r for r in model.routers if isinstance(r.cheap, PrunedFFN)}
+    if not pruned:
+        return {}
+    inputs: dict[int, list[Tensor]] = {site: [] for site in pruned}
+    call = model.routed(Call(force=True, inputs=inputs))
+    for part in windows.split(chunk):
+        model.run_stack(part, call)
+    for site, router in pruned.items():
+        router.cheap.init_from(router.full, inputs[site])
+    return {"cheap_init": "pruned", "cheap_init_tokens": int(windows.numel())}
 
 
 def label_layers(model: RoutedModel, draws: LabelDraws, seq_len: int) -> list[int]:

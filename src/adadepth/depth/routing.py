@@ -65,8 +65,11 @@ class RoutingConfig(Strict):
     gate: str = "g1"
     budget: float = Field(0.5, gt=0, le=1, description="fraction of tokens on the full path")
     layers: list[int] | None = Field(None, description="controlled layers; None = all but ends")
-    cheap: str = "low_rank"
-    rank: PositiveInt | None = Field(None, description="cheap FFN rank; None = d_model/8")
+    cheap: str = Field("low_rank", description="low_rank, skip, narrow (zero output at the "
+                       "start: cheap means skip) or pruned (a copy of the full FFN's most "
+                       "important neurons, refitted: gated FFNs only)")
+    rank: PositiveInt | None = Field(None, description="cheap FFN rank (width); None = d_model/8 "
+                                     "(low_rank) or d_ff/8 (narrow, pruned)")
     d_z: PositiveInt = 64
     gate_hidden: PositiveInt | None = Field(None, description="None = 4*d_z")
     estimator: Literal["straight_through", "ratio"] = "straight_through"
@@ -191,12 +194,14 @@ class RoutedFFN(nn.Module):
     def forward(self, u: Tensor, ctx: Context | None = None) -> Tensor:
         call = ctx.call if ctx is not None and ctx.call is not None else PLAIN
         if call.force is True and call.forced is None and call.tally is None \
-                and call.records is None:  # the dense reference: nothing to decide or note
+                and call.records is None and call.inputs is None:  # the dense reference
             return self.full(u)
         budget = call.setting
         if budget is None:
             raise ValueError("a routed FFN runs inside its RoutedModel, which sets the budget")
         full = self.uniform_decision(call, budget)
+        if call.inputs is not None and self.site in call.inputs:
+            call.inputs[self.site].append(u.detach())
         if full is None and call.collect is not None and self.site in call.collect:
             score, _ = self.gate.scored(u)  # calibration: the causal scores, then the full path
             call.collect[self.site].append(self.causal_score(u, score).detach().float()
@@ -321,7 +326,8 @@ class RoutedModel(Method):
             predictor = CausalPredictor(d) if options.inference == "predictor" else None
             control = (ThresholdController(options.control_gain, options.control_slack)
                        if options.threshold_control == "online" else None)
-            cheap = build("cheap", options.cheap, d_model=d, d_ff=d_ff, rank=options.rank)
+            cheap = build("cheap", options.cheap, d_model=d, d_ff=d_ff, rank=options.rank,
+                          full=backbone.get_ffn(i))
             router = RoutedFFN(i, backbone.get_ffn(i), cheap, gate, options.estimator,
                                options.dispatch, predictor, options.surrogate_center, control,
                                keep_outcome="jepa" in options.aux)

@@ -174,7 +174,9 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
                         cfg.train.eval_batches, cfg.train.amp)[0]
 
     measure = Evaluate(loss_on, cfg.train.batch_size)
-    before = model.begin_training(TrainingPlan(cfg.train.steps, cfg.train.seed, measure))
+    init_windows = data.halves("train", block, cfg.train.eval_batches * cfg.train.batch_size)[0]
+    before = model.begin_training(TrainingPlan(cfg.train.steps, cfg.train.seed, measure,
+                                               init_windows.to(device), cfg.backbone is None))
     history: list[dict[str, Any]] = []
     steps, wall = 0, 0.0
     if any(p.requires_grad for p in model.parameters()):
