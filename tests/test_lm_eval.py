@@ -178,3 +178,20 @@ def test_eval_tasks_on_a_missing_run_fails_before_reading_tasks(
     monkeypatch.setattr(harness, "resolve_tasks", never)
     assert_user_error(capsys, "eval", tmp_path / "nowhere", "--tasks", TASK, "--include-path",
                       task_dir, match="does not exist")
+
+
+def test_every_command_that_reads_a_model_takes_a_known_backbone_name(
+        monkeypatch: pytest.MonkeyPatch, llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """generate and bench read `smollm2-135m` as eval does (here a tiny Llama stands in for the
+    converted backbone): one way to name a model for every command."""
+    from adadepth.cli import main
+
+    tiny = runs.load_transformers(llama_dir)
+    asked: list[str] = []
+    monkeypatch.setattr(runs, "load_transformers",
+                        lambda spec, device="cpu": (asked.append(str(spec)), tiny)[1])
+    assert main(["generate", "smollm2-135m", "--prompt", "ab", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert main(["bench", "smollm2-135m", "--device", "cpu"]) == 2  # a dense model: no knob
+    assert "bench needs the run of an adaptive method" in capsys.readouterr().err
+    assert asked == ["smollm2-135m", "smollm2-135m"]

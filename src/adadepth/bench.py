@@ -297,7 +297,7 @@ def check_settings(model: Method, values: list[float], text: str) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     from adadepth.data import load_corpus, prepare_tokens
-    from adadepth.runs import load_run
+    from adadepth.runs import load_model
     from adadepth.train.loop import resolve_device
 
     decode_batches = tuple(parse_list(args.decode_batches, int, "decode-batches"))
@@ -305,7 +305,7 @@ def run_cli(args: argparse.Namespace) -> None:
         raise UserError("--decode-batches must be positive")
     device = resolve_device(args.device)
     run_dir = Path(args.run)
-    loaded = load_run(run_dir, str(device))
+    loaded = load_model(run_dir, str(device))
     model = loaded.model
     if not isinstance(model, Method) or model.knob is None:
         raise UserError(f"{run_dir} is a {loaded.meta.get('kind')!r} run; bench needs the run of "

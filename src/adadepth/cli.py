@@ -126,11 +126,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from adadepth.depth import Method
     from adadepth.depth.dispatch import Call
     from adadepth.generate import generate
-    from adadepth.runs import load_run
+    from adadepth.runs import load_model
     from adadepth.train.loop import resolve_device
 
     device = resolve_device(args.device)
-    loaded = load_run(Path(args.run), str(device))
+    loaded = load_model(args.run, str(device))
     ids = loaded.tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization")

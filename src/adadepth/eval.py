@@ -41,12 +41,9 @@ def load_target(spec: str | Path, out: Path | None = None, device: str = "auto")
     (smollm2-135m), loaded with its tokenizer; `out` overrides where results go."""
     dev = str(resolve_device(device))
     text = str(spec)
-    if hf.is_known(text):
-        loaded = runs.load_transformers(text, dev)
-        name = Path(text).stem.lower()  # smollm2-135m, or a GGUF file's name
-    else:
-        loaded = runs.load_run(Path(text), dev)
-        name = Path(text).resolve().name
+    loaded = runs.load_model(text, dev)
+    # smollm2-135m (or a GGUF file's name), else the folder's own name
+    name = Path(text).stem.lower() if hf.is_known(text) else Path(text).resolve().name
     foreign = loaded.meta.get("kind") == "hf"
     if out is None:
         out = Path(f"runs/eval-{name}") if foreign else Path(text)

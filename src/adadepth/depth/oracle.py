@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from adadepth import flops as fl
 from adadepth.depth.cheap import PrunedFFN
@@ -45,11 +46,14 @@ def token_losses_from(model: RoutedModel, layer: int, x: Tensor, ctx: Context, t
 
 def oracle_utilities(model: RoutedModel, layer_inputs: dict[int, Tensor], ctx: Context,
                      targets: Tensor, oracle: str) -> dict[int, Tensor]:
-    """u_t = loss(cheap at l) - loss(full at l), per labelled layer l: (B, T) each."""
+    """u_t = loss(cheap at l) - loss(full at l), per labelled layer l: (B, T) each. On a large
+    model the counterfactual passes are most of a step: a bar says so when they take a while."""
+    labelling = tqdm(layer_inputs.items(), desc="oracle labels", unit="layer", delay=2,
+                     leave=False, disable=None)
     return {
         layer: token_losses_from(model, layer, x, ctx, targets, False, oracle)
         - token_losses_from(model, layer, x, ctx, targets, True, oracle)
-        for layer, x in layer_inputs.items()
+        for layer, x in labelling
     }
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from adadepth import flops as fl
 from adadepth.config import Strict
@@ -483,7 +484,8 @@ class RoutedModel(Method):
         run = self.routed(Call(rule="causal", records=records))
         try:
             states = [bb.prepare(part, call=run) for part in windows.split(chunk)]
-            for i in range(bb.n_layers):
+            for i in tqdm(range(bb.n_layers), desc="calibrating thresholds", unit="layer",
+                          delay=2, leave=False, disable=None):
                 r = routers.get(i)
                 uniform = None if r is None else r.uniform_decision(run, budget)
                 if r is not None and uniform is None:

@@ -63,7 +63,7 @@ class AdadepthLM(LM):
                  batch_size: int | str = 8, max_length: int | None = None, loaded: Any = None,
                  pretrained: str | None = None, **_: Any) -> None:
         super().__init__()
-        from adadepth import hf, runs
+        from adadepth import runs
         from adadepth.train.loop import resolve_device
 
         if device in (None, "cuda:0") and not torch.cuda.is_available():
@@ -77,8 +77,7 @@ class AdadepthLM(LM):
             if run is None:
                 raise UserError("the adadepth lm-eval model needs run=<run folder>")
             dev = str(resolve_device(device))
-            loaded = (runs.load_transformers(run, dev) if hf.is_known(str(run))
-                      else runs.load_run(Path(run), dev))
+            loaded = runs.load_model(run, dev)
         self.model, self.tok = loaded.model.eval(), loaded.tokenizer
         # An adaptive model runs counting what it computes (`Method.measured`): `evaluate`
         # reports the count beside the scores.
