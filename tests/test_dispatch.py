@@ -210,7 +210,7 @@ def routed_model(inference: str = "threshold") -> RoutedModel:
     backbone = Transformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=4, n_heads=2,
                                        d_ff=D_FF, max_seq_len=64)).eval()
     model = RoutedModel(backbone, RoutingConfig(gate="g1", d_z=8, estimator="ratio",
-                                                inference=inference, aux=[]))
+                                                inference=inference, aux=[], cheap="low_rank"))
     for r in model.routers:  # untrained controllers: give the cheap path and predictor a say
         nn.init.normal_(r.cheap.up.weight, std=0.3)
         if r.predictor is not None:

@@ -27,6 +27,7 @@ CFG = ModelConfig(vocab_size=37, d_model=32, n_layers=5, n_heads=4, d_ff=64, max
 
 def routed(gate: str = "g1", **kw) -> RoutedModel:
     torch.manual_seed(0)
+    kw.setdefault("cheap", "low_rank")  # the closed forms below count a low-rank cheap path
     model = RoutedModel(Transformer(CFG), RoutingConfig(gate=gate, d_z=16, **kw))
     for r in model.routers:  # a cheap path that differs from skip, so labels are not trivial
         for p in r.cheap.parameters():
@@ -167,7 +168,7 @@ def test_controller_only_training_leaves_backbone_bitwise_unchanged():
 def train_g3_predictions_variance(aux: list[str], seed: int, steps: int = 60) -> float:
     torch.manual_seed(seed)
     model = RoutedModel(Transformer(CFG), RoutingConfig(gate="g3", d_z=16, aux=aux,
-                                                        oracle_layers=0))
+                                                        oracle_layers=0, cheap="low_rank"))
     for r in model.routers:
         for p in r.cheap.parameters():
             torch.nn.init.normal_(p, std=0.2)

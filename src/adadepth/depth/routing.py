@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth import cheap as _cheap  # noqa: F401  (registers the cheap paths)
+from adadepth.depth.cheap import gated
 from adadepth.depth.dispatch import (
     PLAIN,
     Call,
@@ -66,9 +66,10 @@ class RoutingConfig(Strict):
     gate: str = "g1"
     budget: float = Field(0.5, gt=0, le=1, description="fraction of tokens on the full path")
     layers: list[int] | None = Field(None, description="controlled layers; None = all but ends")
-    cheap: str = Field("low_rank", description="low_rank, skip, narrow (zero output at the "
+    cheap: str = Field("auto", description="low_rank, skip, narrow (zero output at the "
                        "start: cheap means skip) or pruned (a copy of the full FFN's most "
-                       "important neurons, refitted: gated FFNs only)")
+                       "important neurons, refitted: gated FFNs only); auto = pruned where the "
+                       "FFN is gated, else low_rank")
     rank: PositiveInt | None = Field(None, description="cheap FFN rank (width); None = d_model/8 "
                                      "(low_rank) or d_ff/8 (narrow, pruned)")
     d_z: PositiveInt = 64
@@ -283,6 +284,14 @@ class RoutedFFN(nn.Module):
         return out.index_copy_(0, full_idx, full_out).view_as(u)
 
 
+def cheap_kind(name: str, full: nn.Module) -> str:
+    """The cheap path `auto` stands for: a pruned copy of a gated FFN (over a pretrained model
+    it starts near the full FFN instead of at "skip": benchmarks/README.md), else low_rank."""
+    if name != "auto":
+        return name
+    return "pruned" if gated(full) else "low_rank"
+
+
 def default_layers(n_layers: int) -> list[int]:
     return list(range(1, n_layers - 1))
 
@@ -327,8 +336,8 @@ class RoutedModel(Method):
             predictor = CausalPredictor(d) if options.inference == "predictor" else None
             control = (ThresholdController(options.control_gain, options.control_slack)
                        if options.threshold_control == "online" else None)
-            cheap = build("cheap", options.cheap, d_model=d, d_ff=d_ff, rank=options.rank,
-                          full=backbone.get_ffn(i))
+            cheap = build("cheap", cheap_kind(options.cheap, backbone.get_ffn(i)), d_model=d,
+                          d_ff=d_ff, rank=options.rank, full=backbone.get_ffn(i))
             router = RoutedFFN(i, backbone.get_ffn(i), cheap, gate, options.estimator,
                                options.dispatch, predictor, options.surrogate_center, control,
                                keep_outcome="jepa" in options.aux)
