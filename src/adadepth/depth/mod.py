@@ -44,6 +44,8 @@ from adadepth.depth.dispatch import (
     Subset,
     Tally,
     ThresholdController,
+    attended_keys,
+    count_tokens,
     membership_loss,
     topk_count,
     topk_index,
@@ -88,7 +90,7 @@ class Router(nn.Module):
     The router starts at w = 0, b = 1: every token's weight is 1, so at capacity 1 a fresh
     model is exactly its backbone (a retrofit starts from the pretrained function)."""
 
-    def __init__(self, j: int, d_model: int, normalize: bool, predictor_hidden: int | None,
+    def __init__(self, key: str, d_model: int, normalize: bool, predictor_hidden: int | None,
                  control: ThresholdController | None) -> None:
         super().__init__()
         self.normalize = normalize
@@ -97,7 +99,7 @@ class Router(nn.Module):
         nn.init.ones_(self.linear.bias)
         self.predictor = (CausalPredictor(d_model, predictor_hidden)
                           if predictor_hidden is not None else None)
-        self.rule = CausalRule(f"mod-surplus-{j}", control)
+        self.rule = CausalRule(key, control)  # key: where its controller state lives
 
     def read(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],)) if self.normalize else x
@@ -148,8 +150,8 @@ class MixtureOfDepths(Method):
         control = None
         if options.threshold == "calibrated" and options.threshold_control == "online":
             control = ThresholdController(options.control_gain, options.control_slack)
-        self.routers = nn.ModuleList(Router(j, backbone.cfg.d_model, options.router_norm,
-                                            hidden, control)
+        self.routers = nn.ModuleList(Router(f"mod-surplus-{j}", backbone.cfg.d_model,
+                                            options.router_norm, hidden, control)
                                      for j in range(len(self.layers)))
         if options.threshold == "half":  # the paper's rule: sigmoid(score) > 0.5, i.e. score > 0
             for router in self.routers:
@@ -166,7 +168,7 @@ class MixtureOfDepths(Method):
             call = call.but(records={})
         x, ctx = bb.prepare(idx, cache, start, positions=positions, call=call)
         if call.tally is not None:
-            self._count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
+            count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
         for i in range(bb.n_layers):
             j = self.slot.get(i)
             x = bb.run_layer(i, x, ctx) if j is None else self.routed_block(j, i, x, ctx)
@@ -281,14 +283,6 @@ class MixtureOfDepths(Method):
         ones = [1.0] * len(self.layers)
         return self.flops_per_token(context, ones, ones, ones, [0.0] * len(self.layers))
 
-    @staticmethod
-    def _count_tokens(tally: Tally, ctx: Context, tokens: int) -> None:
-        tally.add("tokens", tokens)
-        # a dense query at position p sees p + 1 keys with a cache, its own prefix without
-        seen = ctx.positions + 1 if ctx.cache is not None else (
-            torch.arange(ctx.length, device=ctx.positions.device) + 1).unsqueeze(0)
-        tally.add("dense_keys", float(seen.expand(tokens // ctx.length, -1).sum()))
-
     def _count_run(self, tally: Tally, j: int, ctx: Context, mask: Tensor,
                    router_on_selected: bool) -> None:
         """Tokens that run block j in this call and the keys each attends to: the selected
@@ -296,14 +290,7 @@ class MixtureOfDepths(Method):
         run = mask.sum().item()
         tally.add("run", run, j)
         tally.add("routers", run if router_on_selected else mask.numel(), j)
-        keys = mask.long().cumsum(1)  # keys from this call, the query's own included
-        if ctx.cache is not None:
-            layer = ctx.kv_offset + self.layers[j]
-            valid = ctx.cache.valid[layer, :, :ctx.cache.max_len].long().cumsum(1)
-            positions = ctx.positions.expand(mask.shape[0], -1)
-            first = positions[:, :1]  # keys before the call's first token
-            keys = keys + torch.where(first > 0, valid.gather(1, (first - 1).clamp_min(0)), 0)
-        tally.add("keys", float(keys[mask].sum()), j)
+        tally.add("keys", attended_keys(ctx, mask, ctx.kv_offset + self.layers[j]), j)
 
     def tally_flops(self, tally: Tally, context: float) -> float:
         """Per routed block: the fraction of tokens that ran it, the keys they attended to, and
