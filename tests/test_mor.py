@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from causality import (
-    assert_cached_decisions_match,
     assert_causal,
+    assert_decodable,
     assert_round_trip,
+    fed_in_steps,
     method_decisions,
 )
 from test_cache import V, backbone, close, tokens
-from test_cli import assert_user_error
+from test_cli import assert_user_error, serve
 
 import adadepth
 from adadepth import flops as fl
@@ -178,11 +179,9 @@ def test_cached_decoding_equals_recomputation(name: str, routing: str, kv: str) 
     idx = tokens(3, 16, seed=2)
     full, masks, depth = run_masks(model, idx)
     varied(depth)
+    stepped, cache = fed_in_steps(model, idx, 6)
+    close(stepped, full, 2e-5)
     with torch.no_grad():
-        cache = model.new_cache(3, 16)
-        steps = [model(idx[:, :6], cache, 0).logits]
-        steps += [model(idx[:, t:t + 1], cache, t).logits for t in range(6, 16)]
-        close(torch.cat(steps, 1), full, 2e-5)
         L = model.backbone.n_layers
         assert len(cache) == L * (model.n if kv == "recursive" else 1)
         for r in range(model.n if kv == "recursive" else 1):
@@ -198,10 +197,7 @@ def test_cached_decoding_equals_recomputation(name: str, routing: str, kv: str) 
 def test_every_decision_is_causal(options: dict) -> None:
     model = mor_model("llama", **options)
     idx = tokens(3, 30, seed=3)
-    decide = method_decisions(model)
-    for cut in (1, 12, 29):
-        assert_causal(decide, idx, V, cut)
-    assert_cached_decisions_match(model, decide, idx, prefill=7)
+    assert_decodable(model, method_decisions(model), idx, V, (1, 12, 29), prefill=7)
 
 
 def test_the_causality_check_catches_top_k() -> None:
@@ -251,11 +247,7 @@ def test_measure_counts_what_ran() -> None:
     assert m.summary()["recursions_histogram"] == [0, 8, 8, 8]
     idx = tokens(2, 12, seed=4)
     runner, m = model.measured()
-    with torch.no_grad():
-        cache = model.new_cache(2, 12)
-        runner(idx[:, :4], cache, 0)
-        for t in range(4, 12):
-            runner(idx[:, t:t + 1], cache, t)
+    _, cache = fed_in_steps(runner, idx, 4)
     L, per_key = cfg.n_layers, fl.attention(cfg, 1.0)["attn_scores"]
     ran, attended = 0.0, 0.0
     for r in range(3):
@@ -369,17 +361,9 @@ def test_fit_from_scratch_trains_everything(scratch: Path) -> None:
 
 def test_eval_generate_and_bench_serve_a_mor_run(scratch: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", str(scratch), "--batches", "2"]) == 0
-    report = json.loads((scratch / "eval.json").read_text())
+    report, err, rows = serve(scratch, tmp_path, capsys, "1.0,0.4")
     assert report["kind"] == "mor" and 0.5 < report["flops_ratio"] < 1
-    capsys.readouterr()
-    assert main(["generate", str(scratch), "--prompt", "ROMEO:", "--max-new-tokens", "6",
-                 "--num-samples", "2"]) == 0
-    assert '"mean_recursions"' in capsys.readouterr().err
-    assert main(["bench", str(scratch), "--settings", "1.0,0.4", "--prefill-batch", "2",
-                 "--prefill-len", "32", "--decode-batches", "2", "--decode-tokens", "4",
-                 "--reps", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert '"mean_recursions"' in err
     assert {(r["phase"], r["depth_fraction"]) for r in rows} == {
         (p, v) for p in ("prefill", "decode") for v in (1.0, 0.4)}
     for r in rows:
@@ -387,6 +371,8 @@ def test_eval_generate_and_bench_serve_a_mor_run(scratch: Path, tmp_path: Path,
             assert r["ideal_speedup"] == pytest.approx(1.0)
         else:
             assert r["ideal_speedup"] > 1.3 and r["realised"]["mean_recursions"] < 1.6
+    assert_user_error(capsys, "bench", str(scratch), "--settings", "0.5,1.5",
+                      match="depth_fraction settings")
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -397,9 +383,3 @@ def test_eval_generate_and_bench_serve_a_mor_run(scratch: Path, tmp_path: Path,
 ])
 def test_bad_mor_input(capsys: pytest.CaptureFixture, argv: list[str], match: str) -> None:
     assert_user_error(capsys, *argv, match=match)
-
-
-def test_bench_refuses_a_setting_outside_the_range(scratch: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    assert_user_error(capsys, "bench", str(scratch), "--settings", "0.5,1.5",
-                      match="depth_fraction settings")

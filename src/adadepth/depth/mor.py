@@ -39,31 +39,30 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import Tensor, nn
 
 from adadepth import flops as fl
-from adadepth.config import Strict
 from adadepth.depth.dispatch import (
     PLAIN,
     Call,
     Subset,
     Tally,
-    ThresholdController,
     attended_keys,
     count_tokens,
     membership_loss,
     topk_index,
 )
-from adadepth.depth.method import Evaluate, Knob, Measurement, Method, MethodSpec, StepLoss
-from adadepth.depth.mod import Router
+from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss
+from adadepth.depth.mod import CausalRouting, build_routers
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.model import Context, KVCache, LayerStack, Output, causal_lm_loss
 
 
-class MoRConfig(Strict):
-    """Mixture-of-Recursions; defaults are the paper's or ours (docs/methods/mor.md)."""
+class MoRConfig(CausalRouting):
+    """Mixture-of-Recursions; defaults are the paper's or ours (docs/methods/mor.md). The causal
+    options (`CausalRouting`) concern expert choice; the paper's is the router's own BCE."""
 
     recursions: int = Field(3, ge=2, description="N_r: most times the shared block runs")
     block: Literal["middle", "stepwise"] | list[int] = Field(
@@ -80,18 +79,10 @@ class MoRConfig(Strict):
     alpha: float | None = Field(None, gt=0, description="gate scale; None: 0.1 expert, 1 token")
     update: Literal["paper", "residual"] = Field(
         "paper", description="x + g * block(x) (paper), or x + g * (block(x) - x)")
-    causal: Literal["aux_loss", "predictor"] = "aux_loss"
-    predictor_hidden: PositiveInt = 64
+    causal: Literal["predictor", "aux_loss"] = "aux_loss"
     lambda_aux: float = Field(1e-3, ge=0, description="weight of the router's BCE (aux_loss)")
-    lambda_predictor: float = Field(1.0, ge=0)
     lambda_balance: float = Field(0.1, ge=0, description="token: weight of the balancing loss")
     lambda_z: float = Field(1e-5, ge=0, description="token: weight of the router z-loss")
-    threshold: Literal["calibrated", "half"] = "calibrated"
-    threshold_control: Literal["online", "fixed"] = "online"
-    control_gain: float = Field(0.5, gt=0)
-    control_slack: float = Field(4.0, ge=1)
-    regime: Literal["joint", "routers"] = Field(
-        "joint", description="over a pretrained backbone: train it too, or the routers only")
 
 
 def resolve_block(spec: str | list[int], n_layers: int, recursions: int
@@ -175,21 +166,13 @@ class MixtureOfRecursions(Method):
         self.capacities = list(self.schedule)  # the knob's setting (as trained until set)
         self.fraction: float | None = None if not self.expert else sum(self.schedule) / self.n
         self.alpha = options.alpha or (0.1 if self.expert else 1.0)
-        d = backbone.cfg.d_model
         if self.expert:
-            control = None
-            if options.threshold == "calibrated" and options.threshold_control == "online":
-                control = ThresholdController(options.control_gain, options.control_slack)
-            hidden = options.predictor_hidden if options.causal == "predictor" else None
-            self.routers = nn.ModuleList(Router(f"mor-surplus-{r}", d, False, hidden, control)
-                                         for r in range(self.n))
-            if options.threshold == "half":  # the paper's sigmoid(logit) >= 0.5
-                for router in self.routers:
-                    router.rule.set(0.0)
+            self.routers = build_routers(options, [f"mor-surplus-{r}" for r in range(self.n)],
+                                         backbone)
         else:
-            self.routers = nn.ModuleList([DepthRouter(d, self.n)])
-        p = next(backbone.parameters())
-        self.routers.to(device=p.device, dtype=p.dtype)
+            p = next(backbone.parameters())
+            self.routers = nn.ModuleList([DepthRouter(backbone.cfg.d_model, self.n)]).to(
+                device=p.device, dtype=p.dtype)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """One K/V set per recursion (recursion-wise caching), or one set (KV sharing)."""
@@ -234,9 +217,7 @@ class MixtureOfRecursions(Method):
         """Recursion r: which of the active tokens run it, and their new states."""
         router = self.routers[r]
         B, T = active.shape
-        forced, index = call.forced_at(r), None
-        previous = self.capacities[r - 1] if r else 1.0
-        fraction = self.capacities[r] / previous if previous > 0 else 0.0
+        forced, index, fraction = call.forced_at(r), None, self.step_fraction(r)
         if forced is False or (forced is None and fraction <= 0):
             return x, torch.zeros_like(active)
         logit = router.weight(x)
@@ -260,6 +241,11 @@ class MixtureOfRecursions(Method):
                 call.count("predictors", B * T, r)
             mask = router.rule.decide(score, fraction, ctx, among=active)
         return self.run_block(r, x, ctx, mask, self.gate(logit), index, call), mask
+
+    def step_fraction(self, r: int) -> float:
+        """The fraction of the tokens active before recursion r that run it: C_r / C_{r-1}."""
+        previous = self.capacities[r - 1] if r else 1.0
+        return self.capacities[r] / previous if previous > 0 else 0.0
 
     def gate(self, logit: Tensor) -> Tensor:
         func = self.options.router_func
@@ -418,41 +404,34 @@ class MixtureOfRecursions(Method):
         recursion, so each sees the tokens the thresholds below it let through, as deployed."""
         was_training = self.training
         self.eval()
-        bb, call = self.backbone, Call(rule="causal")
+        call = Call(rule="causal")
         try:
-            states = []
-            for part in windows.split(chunk):
-                store = self.new_cache(*part.shape) if self.options.kv == "shared" else None
-                x, ctx = bb.prepare(part, store, call=call)
-                for i in self.prelude:
-                    x = bb.run_layer(i, x, ctx)
-                states.append((x, ctx, torch.ones(part.shape, dtype=torch.bool,
-                                                  device=part.device)))
+            states = [(x, ctx, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+                      for x, ctx in self.entry_states(windows, chunk, call)]
             for r in range(self.n):
-                previous = self.capacities[r - 1] if r else 1.0
-                fraction = self.capacities[r] / previous if previous > 0 else 0.0
+                fraction = self.step_fraction(r)
                 if 0 < fraction < 1:
                     scores = torch.cat([self.routers[r].causal_score(x)[active]
                                         for x, _, active in states])
                     self.routers[r].rule.calibrate(scores, fraction)
-                stepped = []
-                for x, ctx, active in states:
-                    x, active = self.expert_step(r, x, ctx, active, call)
-                    stepped.append((x, ctx, active))
-                states = stepped
+                stepped = [self.expert_step(r, x, ctx, active, call) for x, ctx, active in states]
+                states = [(x, ctx, a) for (x, a), (_, ctx, _) in zip(stepped, states, strict=True)]
         finally:
             self.train(was_training)
         return [r.rule.threshold.item() for r in self.routers]
 
-    def first_states(self, windows: Tensor, chunk: int = 32) -> Tensor:
-        """H^1 of every token of held-out windows (what the token-choice router reads)."""
+    def entry_states(self, windows: Tensor, chunk: int, call: Call = PLAIN
+                     ) -> list[tuple[Tensor, Context]]:
+        """H^1 (the states after the prelude) of held-out windows, chunk by chunk, with their
+        contexts (and the private cache KV sharing reads)."""
         out = []
         for part in windows.split(chunk):
-            x, ctx = self.backbone.prepare(part)
+            store = self.new_cache(*part.shape) if self.options.kv == "shared" else None
+            x, ctx = self.backbone.prepare(part, store, call=call)
             for i in self.prelude:
                 x = self.backbone.run_layer(i, x, ctx)
-            out.append(x.flatten(0, 1))
-        return torch.cat(out)
+            out.append((x, ctx))
+        return out
 
     def _setting(self, fraction: float | None, capacities: list[float], rules: list[Tensor],
                  tilt: float) -> Callable[[], None]:
@@ -495,7 +474,8 @@ class MixtureOfRecursions(Method):
 
     def _tilt_for(self, target: float, calibration: Tensor) -> float:
         router = self.routers[0]
-        logits = router(self.first_states(calibration))
+        logits = router(torch.cat([x.flatten(0, 1) for x, _ in self.entry_states(calibration,
+                                                                                 32)]))
         bound = float(logits.max() - logits.min()) + 1.0  # beyond it one depth takes all
         lo, hi = -bound, bound
         for _ in range(50):
@@ -505,14 +485,6 @@ class MixtureOfRecursions(Method):
         return hi
 
     # -- after training, eval --------------------------------------------------------------------
-    @torch.no_grad()
-    def measured_over(self, batches: Any) -> Measurement:
-        """What decoding's (causal) decisions ran over batches of token ids."""
-        runner, m = self.measured(Call(rule="causal"))
-        for x in batches:
-            runner(x)
-        return m
-
     @torch.no_grad()
     def after_training(self, calibration: Tensor, held_out: Tensor,
                        evaluate: Evaluate) -> dict[str, Any]:
@@ -529,7 +501,7 @@ class MixtureOfRecursions(Method):
                 self(x, call=Call(rule="topk")).logits, y).item()
         figures["held_out_loss_causal"] = causal_lm_loss(
             self(x, call=Call(rule="causal")).logits, y).item()
-        summary = self.measured_over([x]).summary()
+        summary = self.measured_over([x], Call(rule="causal")).summary()
         figures.update(mean_recursions=summary["mean_recursions"],
                        recursions_histogram=summary["recursions_histogram"])
         return figures
@@ -538,16 +510,12 @@ class MixtureOfRecursions(Method):
     def eval_report(self, data: Any, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
         batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
-        measured = self.measured_over(batches)
-        ctx = fl.causal_context(block_size)
-        flops = measured.flops_per_token(ctx)
+        measured = self.measured_over(batches, Call(rule="causal"))
         summary = measured.summary()
         return {"routing": self.options.routing, "recursions": self.n,
                 "mean_recursions": summary["mean_recursions"],
                 "recursions_histogram": summary["recursions_histogram"],
-                "flops_ratio": flops / self.reference_flops_per_token(ctx),
-                "flops_ratio_to_backbone": flops / sum(
-                    fl.forward_per_token(self.cfg, ctx).values())}
+                **self.flops_ratios(measured, fl.causal_context(block_size))}
 
 
 register("method", "mor")(MethodSpec(
