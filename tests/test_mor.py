@@ -375,6 +375,24 @@ def test_eval_generate_and_bench_serve_a_mor_run(scratch: Path, tmp_path: Path,
                       match="depth_fraction settings")
 
 
+def test_a_retrofit_keeps_the_backbones_depth_and_a_frozen_backbone(
+        tiny_backbone: Path, tmp_path: Path) -> None:
+    """Over a pretrained 4-layer backbone the stepwise block runs layers 0, 1, 1, 3: at full
+    depth the backbone's FLOPs (and the routers'); `routers` leaves the backbone as it was."""
+    out = tmp_path / "retrofit"
+    assert main(["fit", "--method", "mor", "--backbone", str(tiny_backbone), "--steps", "2",
+                 "--out", str(out), "mor.block=stepwise", "mor.recursions=2", "mor.regime=routers",
+                 "mor.update=residual", "mor.router_func=none", "mor.alpha=1", *QUICK[:5]]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["prelude"], metrics["block"], metrics["coda"]) == ([0], [1], [3])
+    assert metrics["reference_flops_per_token"] == pytest.approx(
+        metrics["dense_flops_per_token"], rel=1e-3)
+    model, original = load_run(out).model, load_run(tiny_backbone).model
+    assert model.may_skip_parameters and not model.backbone_trained()
+    for a, b in zip(model.backbone.parameters(), original.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["fit", "--method", "mor", "--out", "x", "mor.recursions=1"], "recursions"),
     (["fit", "--method", "mor", "--out", "x", "mor.capacities=[0.5,1,1]"], "capacities"),

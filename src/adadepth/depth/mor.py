@@ -398,7 +398,7 @@ class MixtureOfRecursions(Method):
 
     # -- causal thresholds (expert choice) and the knob ------------------------------------------
     @torch.no_grad()
-    def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float]:
+    def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float | None]:
         """Each recursion's threshold: the quantile of its causal scores over the tokens still
         active on held-out windows that lets C_r / C_{r-1} of them through. Recursion by
         recursion, so each sees the tokens the thresholds below it let through, as deployed."""
@@ -418,7 +418,8 @@ class MixtureOfRecursions(Method):
                 states = [(x, ctx, a) for (x, a), (_, ctx, _) in zip(stepped, states, strict=True)]
         finally:
             self.train(was_training)
-        return [r.rule.threshold.item() for r in self.routers]
+        return [r.rule.threshold.item() if r.rule.calibrated else None  # None: all continue
+                for r in self.routers]
 
     def entry_states(self, windows: Tensor, chunk: int, call: Call = PLAIN
                      ) -> list[tuple[Tensor, Context]]:
