@@ -229,7 +229,10 @@ class MixtureOfRecursions(Method):
                                self.capacities[r])
             mask = torch.zeros_like(active).scatter(1, index, True)
             if self.training:  # what the causal score learns to predict, on the active tokens
-                score = logit if router.predictor is None else router.predict(x)
+                score = logit
+                if router.predictor is not None:
+                    score = router.predict(x)
+                    call.count("predictors", B * T, r)
                 call.record(("target", r), (score[active], mask[active]))
         else:
             if not router.rule.calibrated:
