@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from causality import assert_cached_decisions_match, assert_causal, assert_round_trip
+from causality import assert_causal, assert_decodable, assert_round_trip, fed_in_steps
 from test_cache import BACKBONES, V, backbone, close, tokens
-from test_cli import assert_user_error
+from test_cli import assert_user_error, serve
 
 import adadepth
 from adadepth import flops as fl
@@ -135,10 +135,8 @@ def test_cached_generation_with_skipped_blocks_equals_recomputation(name: str) -
     idx = tokens(3, 16, seed=2)
     with torch.no_grad():
         full, masks = run_masks(model, idx)
-        cache = model.new_cache(3, 16)
-        steps = [model(idx[:, :6], cache, 0).logits]
-        steps += [model(idx[:, t:t + 1], cache, t).logits for t in range(6, 16)]
-        close(torch.cat(steps, 1), full, 2e-5)
+        stepped, cache = fed_in_steps(model, idx, 6)
+        close(stepped, full, 2e-5)
         for j, layer in enumerate(model.layers):  # K/V exactly where the block ran
             assert torch.equal(cache.valid[layer, :, :16], masks[j])
         prompt = idx[:, :5]
@@ -152,10 +150,7 @@ def test_cached_generation_with_skipped_blocks_equals_recomputation(name: str) -
 def test_every_causal_decision_is_causal(causal: str, threshold: str) -> None:
     model = mod_model("llama", capacity=0.3, layers="all", causal=causal, threshold=threshold)
     idx = tokens(3, 30, seed=3)
-    decide = mod_decisions(model)
-    for cut in (1, 12, 29):
-        assert_causal(decide, idx, V, cut)
-    assert_cached_decisions_match(model, decide, idx, prefill=7)
+    assert_decodable(model, mod_decisions(model), idx, V, (1, 12, 29), prefill=7)
 
 
 def test_the_causality_check_catches_top_k() -> None:
@@ -212,11 +207,7 @@ def test_measure_counts_what_ran() -> None:
     assert m.flops_per_token(ctx) == pytest.approx(dense - layer - attn["attn_scores"])
     idx = tokens(2, 12, seed=4)  # cached decoding: count keys from the cache's validity
     runner, m = model.measured()
-    with torch.no_grad():
-        cache = model.new_cache(2, 12)
-        runner(idx[:, :4], cache, 0)
-        for t in range(4, 12):
-            runner(idx[:, t:t + 1], cache, t)
+    _, cache = fed_in_steps(runner, idx, 4)
     valid = cache.valid[1, :, :12]
     attended = sum(valid[b, :p + 1].sum().item() for b in range(2) for p in range(12)
                    if valid[b, p])
@@ -334,17 +325,9 @@ def test_a_routers_only_retrofit_leaves_the_backbone_alone(retrofit: Path,
 
 def test_eval_generate_and_bench_serve_a_mod_run(retrofit: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", str(retrofit), "--batches", "2"]) == 0
-    report = json.loads((retrofit / "eval.json").read_text())
+    report, err, rows = serve(retrofit, tmp_path, capsys, "1.0,0.25", "1,2")
     assert report["kind"] == "mod" and 0.5 < report["flops_ratio"] < 1
-    capsys.readouterr()
-    assert main(["generate", str(retrofit), "--prompt", "ROMEO:", "--max-new-tokens", "6",
-                 "--num-samples", "2"]) == 0
-    assert '"realised_capacity"' in capsys.readouterr().err
-    assert main(["bench", str(retrofit), "--settings", "1.0,0.25", "--prefill-batch", "2",
-                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "4",
-                 "--reps", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert '"realised_capacity"' in err
     assert {(r["phase"], r["batch"], r["capacity"]) for r in rows} == {
         (phase, batch, c) for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2))
         for c in (1.0, 0.25)}

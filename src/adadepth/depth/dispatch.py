@@ -79,6 +79,29 @@ class Tally:
         return self.get("tokens")
 
 
+def count_tokens(tally: Tally, ctx: Context, tokens: int) -> None:
+    """Count a call's tokens and the keys their queries would see in a dense layer
+    (`dense_keys`, the denominator of a keys fraction): a query at position p sees p + 1 keys
+    with a cache, its own prefix without."""
+    tally.add("tokens", tokens)
+    seen = ctx.positions + 1 if ctx.cache is not None else (
+        torch.arange(ctx.length, device=ctx.positions.device) + 1).unsqueeze(0)
+    tally.add("dense_keys", float(seen.expand(tokens // ctx.length, -1).sum()))
+
+
+def attended_keys(ctx: Context, queries: Tensor, layer: int, keys: Tensor | None = None
+                  ) -> float:
+    """The keys the queries of `queries` (B, T) attend to at cache layer `layer`, summed: the
+    call's tokens of `keys` (default: the queries themselves) up to each query, its own
+    included, and what the cache holds for that layer below the call's first position."""
+    seen = (queries if keys is None else keys).long().cumsum(1)
+    if ctx.cache is not None:
+        valid = ctx.cache.valid[layer, :, :ctx.cache.max_len].long().cumsum(1)
+        first = ctx.positions.expand(queries.shape[0], -1)[:, :1]  # keys before the call
+        seen = seen + torch.where(first > 0, valid.gather(1, (first - 1).clamp_min(0)), 0)
+    return float(seen[queries].sum())
+
+
 class Call:
     """One forward's instructions, and what it reports back.
 
@@ -420,17 +443,23 @@ class ThresholdController:
         self.gain, self.slack = gain, slack
 
     def decide(self, scores: Tensor, fraction: float, theta0: float, spread: float,
-               surplus: list[float]) -> tuple[Tensor, list[float]]:
+               surplus: list[float], among: Tensor | None = None) -> tuple[Tensor, list[float]]:
         """Decisions for scores (B, T) in order, from each row's surplus; returns the new ones.
+        Tokens outside `among` (B, T), when given, are not chosen and leave the surplus alone:
+        the fraction is kept among the others (a choice among the tokens still in play).
 
         A plain Python loop over host floats: ~0.3 us a token, far cheaper per token than
         tensor ops, and it is inherently sequential."""
         eta, f, slack = self.gain * spread, fraction, self.slack
         rows, out = scores.tolist(), []
+        playing = among.tolist() if among is not None else None
         surplus = list(surplus)
         for i, row in enumerate(rows):
             s, decided = surplus[i], []
-            for value in row:
+            for t, value in enumerate(row):
+                if playing is not None and not playing[i][t]:
+                    decided.append(False)
+                    continue
                 chosen = value > theta0 + eta * s
                 if s <= -slack:
                     chosen = True
@@ -468,9 +497,13 @@ class CausalRule(nn.Module):
         self.threshold.fill_(threshold)
         self.spread.fill_(spread)
 
-    def decide(self, score: Tensor, fraction: float, ctx: Context) -> Tensor:
+    def decide(self, score: Tensor, fraction: float, ctx: Context,
+               among: Tensor | None = None) -> Tensor:
+        """Which tokens of score (B, T) pass; only tokens of `among` may, and the controller
+        keeps the fraction among them."""
         if self.control is None:
-            return score > self.threshold
+            passed = score > self.threshold
+            return passed if among is None else passed & among
         fresh = ctx.cache is None or ctx.start == 0
         state = {} if ctx.cache is None else ctx.cache.state
         surplus = None if fresh else state.get(self.key)
@@ -478,7 +511,7 @@ class CausalRule(nn.Module):
         if surplus is None or len(surplus) != rows:
             surplus = [0.0] * rows
         mask, state[self.key] = self.control.decide(score, fraction, self.threshold.item(),
-                                                    self.spread.item(), surplus)
+                                                    self.spread.item(), surplus, among)
         return mask
 
 
@@ -502,6 +535,7 @@ def membership_loss(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 __all__ = ["Bound", "Call", "CausalPredictor", "CausalRule", "Measurement", "PLAIN", "Rule",
-           "Subset", "Tally", "ThresholdController", "gather_tokens",
+           "Subset", "Tally", "ThresholdController", "attended_keys", "count_tokens",
+           "gather_tokens",
            "membership_loss", "piece_width", "quantile_threshold", "split_tokens",
            "topk_count", "topk_index", "topk_route"]

@@ -21,7 +21,7 @@ is handed a `Bound` copy with the call fixed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from adadepth import flops as fl
 from adadepth.depth.dispatch import PLAIN, Bound, Call, Measurement, Tally
 from adadepth.model import KVCache, LayerStack, Output
 from adadepth.model.state import unique_state
@@ -124,6 +125,22 @@ class Method(nn.Module):
         tally = Tally()
         call = (call or Call()).but(tally=tally)
         return Bound(self, call), Measurement(tally, self.tally_flops, self.tally_summary)
+
+    @torch.no_grad()
+    def measured_over(self, batches: Iterable[Tensor], call: Call | None = None) -> Measurement:
+        """What forwards over batches of token ids ran (under `call`'s instructions)."""
+        runner, m = self.measured(call)
+        for x in batches:
+            runner(x)
+        return m
+
+    def flops_ratios(self, measured: Measurement, context: float) -> dict[str, float]:
+        """The FLOPs per token a measurement counted, over the dense reference's
+        (`flops_ratio`) and over the backbone's alone (`flops_ratio_to_backbone`)."""
+        flops = measured.flops_per_token(context)
+        return {"flops_ratio": flops / self.reference_flops_per_token(context),
+                "flops_ratio_to_backbone": flops / sum(
+                    fl.forward_per_token(self.cfg, context).values())}
 
     def tally_flops(self, tally: Tally, context: float) -> float:
         """Forward FLOPs per token of the work counted in `tally`, attention at `context`."""

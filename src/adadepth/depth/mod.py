@@ -44,32 +44,28 @@ from adadepth.depth.dispatch import (
     Subset,
     Tally,
     ThresholdController,
+    attended_keys,
+    count_tokens,
     membership_loss,
     topk_count,
     topk_index,
 )
-from adadepth.depth.method import Evaluate, Knob, Measurement, Method, MethodSpec, StepLoss
+from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.model import Context, KVCache, LayerStack, Output
 
 
-class MoDConfig(Strict):
-    """Mixture-of-Depths; defaults are the paper's or ours (docs/methods/mod.md)."""
+class CausalRouting(Strict):
+    """How routers that choose top-k in training decide causally when decoding, and what trains
+    them (Mixture-of-Depths, Mixture-of-Recursions)."""
 
-    capacity: float = Field(0.125, gt=0, le=1, description="fraction of a sequence's tokens "
-                            "that run a routed block")
-    layers: Literal["every_other", "all_but_first", "all"] | list[int] = Field(
-        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all but the "
-        "first, all, or a list")
     causal: Literal["predictor", "aux_loss"] = Field(
         "predictor", description="what decides causally at inference: a stop-gradient MLP "
         "predictor of top-k membership, or the router itself trained with an auxiliary BCE")
     predictor_hidden: PositiveInt = 64
     lambda_aux: float = Field(0.1, ge=0, description="weight of the router's BCE (aux_loss)")
     lambda_predictor: float = Field(1.0, ge=0, description="weight of the predictor's BCE")
-    router_norm: bool = Field(False, description="the router reads RMS-normalised x instead "
-                              "of the raw residual stream")
     threshold: Literal["calibrated", "half"] = Field(
         "calibrated", description="causal thresholds: calibrated to the capacity on held-out "
         "windows, or the paper's sigmoid(score) > 0.5")
@@ -81,6 +77,18 @@ class MoDConfig(Strict):
         "routers and predictors, or stays frozen (from scratch everything trains)")
 
 
+class MoDConfig(CausalRouting):
+    """Mixture-of-Depths; defaults are the paper's or ours (docs/methods/mod.md)."""
+
+    capacity: float = Field(0.125, gt=0, le=1, description="fraction of a sequence's tokens "
+                            "that run a routed block")
+    layers: Literal["every_other", "all_but_first", "all"] | list[int] = Field(
+        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all but the "
+        "first, all, or a list")
+    router_norm: bool = Field(False, description="the router reads RMS-normalised x instead "
+                              "of the raw residual stream")
+
+
 class Router(nn.Module):
     """One routed block's router r = w^T x + b, its causal predictor if used, and its causal
     decision rule.
@@ -88,7 +96,7 @@ class Router(nn.Module):
     The router starts at w = 0, b = 1: every token's weight is 1, so at capacity 1 a fresh
     model is exactly its backbone (a retrofit starts from the pretrained function)."""
 
-    def __init__(self, j: int, d_model: int, normalize: bool, predictor_hidden: int | None,
+    def __init__(self, key: str, d_model: int, normalize: bool, predictor_hidden: int | None,
                  control: ThresholdController | None) -> None:
         super().__init__()
         self.normalize = normalize
@@ -97,7 +105,7 @@ class Router(nn.Module):
         nn.init.ones_(self.linear.bias)
         self.predictor = (CausalPredictor(d_model, predictor_hidden)
                           if predictor_hidden is not None else None)
-        self.rule = CausalRule(f"mod-surplus-{j}", control)
+        self.rule = CausalRule(key, control)  # key: where its controller state lives
 
     def read(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],)) if self.normalize else x
@@ -113,6 +121,23 @@ class Router(nn.Module):
 
     def causal_score(self, x: Tensor) -> Tensor:
         return self.weight(x) if self.predictor is None else self.predict(x)
+
+
+def build_routers(options: CausalRouting, keys: list[str], backbone: LayerStack,
+                  normalize: bool = False) -> nn.ModuleList:
+    """One `Router` per key (where its controller state lives in the cache), with a predictor
+    when it decides causally, on the backbone's device and dtype."""
+    hidden = options.predictor_hidden if options.causal == "predictor" else None
+    control = None
+    if options.threshold == "calibrated" and options.threshold_control == "online":
+        control = ThresholdController(options.control_gain, options.control_slack)
+    routers = nn.ModuleList(Router(key, backbone.cfg.d_model, normalize, hidden, control)
+                            for key in keys)
+    if options.threshold == "half":  # the paper's rule: sigmoid(score) > 0.5, i.e. score > 0
+        for router in routers:
+            router.rule.set(0.0)
+    p = next(backbone.parameters())
+    return routers.to(device=p.device, dtype=p.dtype)
 
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
@@ -144,19 +169,9 @@ class MixtureOfDepths(Method):
         super().__init__(backbone, options)
         self.layers = resolve_layers(options.layers, backbone.n_layers)
         self.slot = {layer: j for j, layer in enumerate(self.layers)}
-        hidden = options.predictor_hidden if options.causal == "predictor" else None
-        control = None
-        if options.threshold == "calibrated" and options.threshold_control == "online":
-            control = ThresholdController(options.control_gain, options.control_slack)
-        self.routers = nn.ModuleList(Router(j, backbone.cfg.d_model, options.router_norm,
-                                            hidden, control)
-                                     for j in range(len(self.layers)))
-        if options.threshold == "half":  # the paper's rule: sigmoid(score) > 0.5, i.e. score > 0
-            for router in self.routers:
-                router.rule.set(0.0)
+        self.routers = build_routers(options, [f"mod-surplus-{j}" for j in range(len(
+            self.layers))], backbone, options.router_norm)
         self.capacity = options.capacity  # the knob's one value
-        p = next(backbone.parameters())
-        self.routers.to(device=p.device, dtype=p.dtype)
 
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
@@ -166,7 +181,7 @@ class MixtureOfDepths(Method):
             call = call.but(records={})
         x, ctx = bb.prepare(idx, cache, start, positions=positions, call=call)
         if call.tally is not None:
-            self._count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
+            count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
         for i in range(bb.n_layers):
             j = self.slot.get(i)
             x = bb.run_layer(i, x, ctx) if j is None else self.routed_block(j, i, x, ctx)
@@ -281,14 +296,6 @@ class MixtureOfDepths(Method):
         ones = [1.0] * len(self.layers)
         return self.flops_per_token(context, ones, ones, ones, [0.0] * len(self.layers))
 
-    @staticmethod
-    def _count_tokens(tally: Tally, ctx: Context, tokens: int) -> None:
-        tally.add("tokens", tokens)
-        # a dense query at position p sees p + 1 keys with a cache, its own prefix without
-        seen = ctx.positions + 1 if ctx.cache is not None else (
-            torch.arange(ctx.length, device=ctx.positions.device) + 1).unsqueeze(0)
-        tally.add("dense_keys", float(seen.expand(tokens // ctx.length, -1).sum()))
-
     def _count_run(self, tally: Tally, j: int, ctx: Context, mask: Tensor,
                    router_on_selected: bool) -> None:
         """Tokens that run block j in this call and the keys each attends to: the selected
@@ -296,14 +303,7 @@ class MixtureOfDepths(Method):
         run = mask.sum().item()
         tally.add("run", run, j)
         tally.add("routers", run if router_on_selected else mask.numel(), j)
-        keys = mask.long().cumsum(1)  # keys from this call, the query's own included
-        if ctx.cache is not None:
-            layer = ctx.kv_offset + self.layers[j]
-            valid = ctx.cache.valid[layer, :, :ctx.cache.max_len].long().cumsum(1)
-            positions = ctx.positions.expand(mask.shape[0], -1)
-            first = positions[:, :1]  # keys before the call's first token
-            keys = keys + torch.where(first > 0, valid.gather(1, (first - 1).clamp_min(0)), 0)
-        tally.add("keys", float(keys[mask].sum()), j)
+        tally.add("keys", attended_keys(ctx, mask, ctx.kv_offset + self.layers[j]), j)
 
     def tally_flops(self, tally: Tally, context: float) -> float:
         """Per routed block: the fraction of tokens that ran it, the keys they attended to, and
@@ -344,14 +344,6 @@ class MixtureOfDepths(Method):
         return [r.rule.threshold.item() for r in self.routers]
 
     @torch.no_grad()
-    def measured_over(self, batches: Any) -> Measurement:
-        """What causal decisions ran over batches of token ids (realised capacity, FLOPs)."""
-        runner, m = self.measured(Call(rule="causal"))
-        for x in batches:
-            runner(x)
-        return m
-
-    @torch.no_grad()
     def after_training(self, calibration: Tensor, held_out: Tensor,
                        evaluate: Evaluate) -> dict[str, Any]:
         """Calibrate the causal thresholds (unless the paper's 0.5 rule is used), then on other
@@ -366,7 +358,7 @@ class MixtureOfDepths(Method):
             agree.append(((score > self.routers[j].rule.threshold) == mask).float().mean().item())
             agree_half.append(((score > 0) == mask).float().mean().item())
         causal_loss = self(x, call=Call(rule="causal")).loss(y).item()
-        realised = self.measured_over([x]).summary()["capacity_per_layer"]
+        realised = self.measured_over([x], Call(rule="causal")).summary()["capacity_per_layer"]
         return {"capacity": self.capacity, "routed_layers": self.layers,
                 "thresholds": [r.rule.threshold.item() for r in self.routers],
                 "held_out_loss_topk": topk_loss, "held_out_loss_causal": causal_loss,
@@ -393,14 +385,10 @@ class MixtureOfDepths(Method):
     def eval_report(self, data: Any, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
         batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
-        measured = self.measured_over(batches)
-        ctx = fl.causal_context(block_size)
-        flops = measured.flops_per_token(ctx)
+        measured = self.measured_over(batches, Call(rule="causal"))
         return {"capacity": self.capacity, "routed_layers": self.layers,
                 "realised_capacity_causal": measured.summary()["capacity_per_layer"],
-                "flops_ratio": flops / self.reference_flops_per_token(ctx),
-                "flops_ratio_to_backbone": flops / sum(
-                    fl.forward_per_token(self.cfg, ctx).values()),
+                **self.flops_ratios(measured, fl.causal_context(block_size)),
                 "causal": self.options.causal}
 
     # -- the bench -------------------------------------------------------------------------------
@@ -431,4 +419,4 @@ register("method", "mod")(MethodSpec(
     name="mod", config=MoDConfig, build=MixtureOfDepths, kind="mod",
     summary="Mixture-of-Depths: top-C tokens run each routed block, the rest skip it"))
 
-__all__ = ["MixtureOfDepths", "MoDConfig", "Router"]
+__all__ = ["CausalRouting", "MixtureOfDepths", "MoDConfig", "Router", "build_routers"]

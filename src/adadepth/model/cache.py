@@ -13,6 +13,10 @@ per-call instructions (`call`, opaque to the core: it only carries them to the m
 installed inside the stack). `Context.select` gives the context of a subset of those tokens
 (gathered with their own positions), so a block can run on the tokens a method chose.
 
+A context may also only read (`Context.reading`): its queries attend to K/V already in the cache
+at other layers and write none (recursive KV sharing: later recursions of a shared block read the
+first recursion's K/V).
+
 Writes are in place at inference; when autograd is recording (a looped model keeping the K/V of
 halted tokens while training), they are out of place, so earlier reads stay valid for backward.
 """
@@ -73,6 +77,8 @@ class KVCache:
     # -- writing ------------------------------------------------------------------------------
     def mark(self, layer: int, ctx: Context) -> int:
         """Mark the slots this call writes as valid; returns the layer's extent after it."""
+        if not ctx.writes:
+            return self.extent[layer]
         if ctx.contiguous:
             self.valid[layer, :, ctx.start:ctx.end] = True
             if ctx.start > self.extent[layer]:  # a gap below the new block
@@ -86,6 +92,8 @@ class KVCache:
 
     def store(self, layer: int, k: Tensor, v: Tensor, ctx: Context) -> None:
         """Write K/V (B', H, T, hd) of this call's tokens into their slots."""
+        if not ctx.writes:
+            return
         functional = torch.is_grad_enabled() and (
             k.requires_grad or v.requires_grad or self.k[layer].requires_grad)
         k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
@@ -150,6 +158,7 @@ class Context:
     kv_offset: int = 0
     memo: dict[str, Any] = field(default_factory=dict)
     call: Any = None
+    writes: bool = True
 
     @classmethod
     def block(cls, start: int, length: int, device: torch.device | str,
@@ -211,11 +220,16 @@ class Context:
         if pad is not None:
             start = None
         return Context(positions, self.cache, start, cache_rows, pad, end, self.kv_offset,
-                       call=self.call)
+                       call=self.call, writes=self.writes)
 
     def with_kv_offset(self, offset: int) -> Context:
         """The same tokens writing the cache's layers offset.. (masks and tables shared)."""
         return replace(self, kv_offset=offset)
+
+    def reading(self, offset: int) -> Context:
+        """The same tokens attending to the K/V the cache holds at layers offset.., writing none
+        of their own (their slots there must already hold K/V, e.g. from an earlier pass)."""
+        return replace(self, kv_offset=offset, writes=False)
 
     def with_call(self, call: Any) -> Context:
         """The same tokens under other instructions (masks and tables shared)."""
