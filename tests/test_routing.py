@@ -460,3 +460,23 @@ def test_pruned_needs_a_gated_ffn() -> None:
 
     with pytest.raises(UserError, match="gated FFN"):
         build("cheap", "pruned", d_model=8, d_ff=16, full=torch.nn.Linear(8, 8))
+
+
+def test_training_the_cheap_path_on_every_token_adds_its_imitation_of_the_full_ffn() -> None:
+    """cheap_training: all: the cheap path also learns to imitate the full FFN on the tokens
+    routed full (the paper trains it on the ones routed cheap alone); both paths then run on
+    every token, and the step's FLOPs say so."""
+    x, y = batch()
+    routed_only = routed(aux=[], estimator="ratio").train()  # sparse dispatch by default
+    everywhere = routed(aux=[], estimator="ratio", cheap_training="all").train()
+    everywhere.load_state_dict(routed_only.state_dict())
+    plain, imitating = (m.training_loss(x, y, 0) for m in (routed_only, everywhere))
+    assert "cheap_imitation" not in plain.metrics
+    term = imitating.metrics["cheap_imitation"]
+    assert term > 0
+    assert imitating.loss.item() == pytest.approx(plain.loss.item() + term, rel=1e-5)
+    imitating.loss.backward()
+    grads = [p.grad for r in everywhere.routers for p in r.cheap.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert imitating.flops_per_token > plain.flops_per_token  # full and cheap on every token
+    assert everywhere.routers[0].use_sparse(False, training=False)  # inference: sparse as before

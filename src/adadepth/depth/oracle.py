@@ -199,6 +199,12 @@ def training_loss(model: RoutedModel, x: Tensor, y: Tensor) -> StepLoss:
                             for layer, r in zip(model.layers, model.routers, strict=True)]).mean()
         loss = loss + cfg.lambda_jepa * term
         metrics["jepa_loss"] = term.item()
+    imitations = [records[layer].imitation for layer in model.layers
+                  if records[layer].imitation is not None]
+    if imitations:  # cheap_training: all
+        term = torch.stack(imitations).mean()
+        loss = loss + cfg.lambda_cheap * term
+        metrics["cheap_imitation"] = term.item()
     if cfg.inference == "predictor":
         term = torch.stack([membership_loss(r.predictor(records[layer].u), records[layer].mask)
                             for layer, r in zip(model.layers, model.routers, strict=True)]).mean()
@@ -248,7 +254,7 @@ def training_flops(model: RoutedModel, seq_len: int, fractions: list[float],
             return (full, 0.0) if forced else (0.0, cheap)
         gate = fl.module_flops(r.gate) if r.gate.fixed is None else 0.0
         gate += fl.module_flops(r.predictor) if r.predictor is not None else 0.0
-        if r.gate.needs_grad and not r.use_sparse(True):  # dense mixture: both paths run
+        if r.gate.fixed is None and not r.use_sparse(r.gate.needs_grad):  # both paths run
             return full, gate + cheap
         return frac[layer] * full, gate + (1 - frac[layer]) * cheap
 

@@ -106,6 +106,11 @@ class RoutingConfig(Strict):
     smoothing: float = Field(0.1, gt=0, le=1, description="EMA weight of the smoothed LM loss")
     calibration_windows: PositiveInt = Field(
         256, description="held-out windows the causal thresholds are calibrated on")
+    cheap_training: Literal["routed", "all"] = Field(
+        "routed", description="the cheap path learns from the tokens routed to it (the paper), "
+        "or also imitates the full FFN on every token (so it serves at other budgets)")
+    lambda_cheap: float = Field(1.0, ge=0, description="weight of the imitation term "
+                                "(cheap_training: all)")
 
 
 @dataclass
@@ -119,6 +124,8 @@ class RouteRecord:
     outcome: Tensor | None  # (B, T, d) executed FFN output, when kept for the JEPA loss
     u: Tensor | None  # (B, T, d) normalised input, when kept for the causal predictor
     predictions: Tensor | None = None  # (B, T, 2, d_z) G3's latent predictions, this forward's
+    imitation: Tensor | None = None  # how far the cheap path is from the full FFN on every
+    # token, relative (cheap_training: all, in training)
 
 
 @dataclass
@@ -149,7 +156,8 @@ class RoutedFFN(nn.Module):
     def __init__(self, site: int, full: nn.Module, cheap: nn.Module, gate: Gate,
                  estimator: str = "straight_through", dispatch: str = "auto",
                  predictor: nn.Module | None = None, center: str = "boundary",
-                 control: ThresholdController | None = None, keep_outcome: bool = False) -> None:
+                 control: ThresholdController | None = None, keep_outcome: bool = False,
+                 cheap_on_all: bool = False) -> None:
         super().__init__()
         self.site = site
         self.full, self.cheap, self.gate = full, cheap, gate
@@ -157,6 +165,7 @@ class RoutedFFN(nn.Module):
         self.predictor = predictor  # causal imitation of top-k; None = threshold the score
         self.rule = CausalRule(f"routing-surplus-{site}", control)
         self.keep_outcome = keep_outcome
+        self.cheap_on_all = cheap_on_all  # training: the cheap path imitates full everywhere
 
     # -- deciding ---------------------------------------------------------------------------
     def causal_score(self, u: Tensor, score: Tensor) -> Tensor:
@@ -188,7 +197,9 @@ class RoutedFFN(nn.Module):
         return Route(self.rule.decide(causal, budget, ctx), boundary=self.rule.threshold)
 
     # -- computing ----------------------------------------------------------------------------
-    def use_sparse(self, needs_gate_grad: bool) -> bool:
+    def use_sparse(self, needs_gate_grad: bool, training: bool = True) -> bool:
+        if self.cheap_on_all and training:  # both paths on every token: the imitation's need
+            return False
         if self.dispatch != "auto":
             return self.dispatch == "sparse"
         return not (needs_gate_grad and self.estimator == "straight_through")
@@ -222,12 +233,18 @@ class RoutedFFN(nn.Module):
         logit = None  # what the surrogate sigma() reads; None = no gradient to the gate
         if grad:
             logit = score - route.boundary if self.center == "boundary" else score
-        if self.use_sparse(grad):
+        imitation = None
+        if self.use_sparse(grad, torch.is_grad_enabled()):
             out = self._sparse(u, route, logit)
         else:
-            out = self._dense(u, route.mask, logit)
+            out, full_out, cheap_out = self._dense(u, route.mask, logit)
+            if self.cheap_on_all and torch.is_grad_enabled():
+                target = full_out.detach().float()
+                imitation = ((cheap_out.float() - target).pow(2).mean()
+                             / target.pow(2).mean().clamp_min(1e-12))
         self.note(call, RouteRecord(score, route.mask, out if self.keep_outcome else None,
-                                    u if self.predictor is not None else None, predictions))
+                                    u if self.predictor is not None else None, predictions,
+                                    imitation))
         return out
 
     def note(self, call: Call, record: RouteRecord) -> None:
@@ -237,18 +254,20 @@ class RoutedFFN(nn.Module):
             if record.score is not None:  # the gate ran on these tokens
                 call.count("gated", record.mask.numel(), self.site)
 
-    def _dense(self, u: Tensor, mask: Tensor, score: Tensor | None) -> Tensor:
-        """Both paths on every token, then mixed: the reference, and straight-through's need."""
+    def _dense(self, u: Tensor, mask: Tensor,
+               score: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Both paths on every token, then mixed: the reference, and straight-through's need.
+        Returns the mixture and the two paths' outputs."""
         full, cheap = self.full(u).to(u.dtype), self.cheap(u).to(u.dtype)
         m = mask.unsqueeze(-1)
         if score is not None and self.estimator == "straight_through":
             p = torch.sigmoid(score).unsqueeze(-1).to(u.dtype)
             soft = m.to(u.dtype) + p - p.detach()  # forward: the hard mask; backward: sigma'(s)
-            return cheap + soft * (full - cheap)
+            return cheap + soft * (full - cheap), full, cheap
         out = torch.where(m, full, cheap)
         if score is not None:
             out = out * ratio_weight(score, mask).unsqueeze(-1).to(u.dtype)
-        return out
+        return out, full, cheap
 
     def _sparse(self, u: Tensor, route: Route, score: Tensor | None) -> Tensor:
         """Only the executed path per token; the ratio estimator carries the gate's gradient."""
@@ -340,7 +359,8 @@ class RoutedModel(Method):
                           d_ff=d_ff, rank=options.rank, full=backbone.get_ffn(i))
             router = RoutedFFN(i, backbone.get_ffn(i), cheap, gate, options.estimator,
                                options.dispatch, predictor, options.surrogate_center, control,
-                               keep_outcome="jepa" in options.aux)
+                               keep_outcome="jepa" in options.aux,
+                               cheap_on_all=options.cheap_training == "all")
             backbone.set_ffn(i, router)
             self.routers.append(router)
         # The controller lives where the backbone does, in its floating-point type.
