@@ -168,11 +168,19 @@ class Measurement:
     and a summary of what ran (full fractions, passes, exit layers, acceptance)."""
 
     def __init__(self, tally: Tally, flops: Callable[[Tally, float], float],
-                 summary: Callable[[Tally], dict[str, Any]]) -> None:
+                 summary: Callable[[Tally], dict[str, Any]],
+                 breakdown: Callable[[Tally, float], dict[str, float]] | None = None) -> None:
         self.tally, self._flops, self._summary = tally, flops, summary
+        self._breakdown = breakdown
 
     def flops_per_token(self, context: float) -> float:
         return self._flops(self.tally, context)
+
+    def breakdown(self, context: float) -> dict[str, float]:
+        """FLOPs per token by component, against the dense backbone's forward: negative where
+        the method removed compute, positive where it added some (gates, predictors, extra
+        head reads, drafts, ...)."""
+        return {} if self._breakdown is None else self._breakdown(self.tally, context)
 
     def summary(self) -> dict[str, Any]:
         return self._summary(self.tally)

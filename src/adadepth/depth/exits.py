@@ -138,5 +138,17 @@ class ExitMethod(Method):
     def tally_flops(self, tally: Tally, context: float) -> float:
         return self.costs.per_token(self.cfg, tally, context)
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Blocks run against the dense model's L per token (fewer: exits; more: drafts and
+        rejected tokens), K/V computed for copied states, head reads beyond one per token,
+        exit-classifier reads."""
+        tokens, c, L = max(tally.tokens, 1), self.costs, self.backbone.n_layers
+        scores = fl.attention(self.cfg, context)["attn_scores"]
+        blocks = (tally.get("layers") / tokens - L) * (c.layer + scores)
+        return {"blocks skipped" if blocks <= 0 else "blocks run again (drafts, rejections)":
+                blocks, "copied states' K/V": tally.get("kv") / tokens * c.kv,
+                "extra head reads": (tally.get("heads") / tokens - 1) * c.head,
+                "exit classifier": tally.get("probes") / tokens * c.probe}
+
     def reference_flops_per_token(self, context: float) -> float:
         return sum(fl.forward_per_token(self.cfg, context).values())

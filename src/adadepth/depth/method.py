@@ -124,7 +124,8 @@ class Method(nn.Module):
         the measurement that reads the count."""
         tally = Tally()
         call = (call or Call()).but(tally=tally)
-        return Bound(self, call), Measurement(tally, self.tally_flops, self.tally_summary)
+        return Bound(self, call), Measurement(tally, self.tally_flops, self.tally_summary,
+                                              self.tally_breakdown)
 
     @torch.no_grad()
     def measured_over(self, batches: Iterable[Tensor], call: Call | None = None) -> Measurement:
@@ -145,6 +146,16 @@ class Method(nn.Module):
     def tally_flops(self, tally: Tally, context: float) -> float:
         """Forward FLOPs per token of the work counted in `tally`, attention at `context`."""
         raise NotImplementedError(f"method {self.name!r} does not count its costs")
+
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """`tally_flops` by component, signed against the dense backbone's forward FLOPs per
+        token (they sum to `tally_flops` minus those): what the method removed (< 0) and what
+        it added (> 0). Methods name their components; by default one net figure."""
+        return {"net": self.tally_flops(tally, context) - self.dense_flops_per_token(context)}
+
+    def dense_flops_per_token(self, context: float) -> float:
+        """The dense backbone's forward FLOPs per token (the layer stack and the head)."""
+        return sum(fl.forward_per_token(self.cfg, context).values())
 
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         """What ran, in the method's own terms (full fractions, passes, exit layers, ...)."""

@@ -314,6 +314,24 @@ class MixtureOfDepths(Method):
                                     tally.per_token("routers", m),
                                     tally.per_token("predictors", m))
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Routed blocks not run (and the attention their queries skipped); routers and
+        predictors run."""
+        m = range(len(self.layers))
+        run, routers = tally.per_token("run", m), tally.per_token("routers", m)
+        predictors = tally.per_token("predictors", m)
+        keys = [v / max(tally.get("dense_keys"), 1.0) for v in tally.sites("keys", m)]
+        dense = fl.forward_per_token(self.cfg, context)
+        n = self.cfg.n_layers
+        proj_ffn, scores = (dense["attn_proj"] + dense["ffn"]) / n, dense["attn_scores"] / n
+        out = {"blocks skipped": 0.0, "routers": 0.0, "predictors": 0.0}
+        for j, router in enumerate(self.routers):
+            out["blocks skipped"] -= (1 - run[j]) * proj_ffn + (1 - keys[j]) * scores
+            out["routers"] += routers[j] * fl.module_flops(router.linear)
+            if router.predictor is not None:
+                out["predictors"] += predictors[j] * fl.module_flops(router.predictor)
+        return out
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         run = tally.per_token("run", range(len(self.layers)))
         return {"realised_capacity": sum(run) / len(run), "capacity_per_layer": run,

@@ -387,6 +387,22 @@ class MixtureOfRecursions(Method):
                                     tally.per_token("routers", m),
                                     tally.per_token("predictors", m))
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Against the backbone's own depth: the recursions beyond (or short of) it, and the
+        routers and predictors run."""
+        m = range(self.n)
+        run, routers = tally.per_token("run", m), tally.per_token("routers", m)
+        predictors = tally.per_token("predictors", m)
+        keys = [v / max(tally.get("dense_keys"), 1.0) for v in tally.sites("keys", m)]
+        routing = sum(routers[r] * fl.module_flops(self.routers[min(r, len(self.routers) - 1)]
+                                                   .linear) for r in m)
+        predicting = sum(predictors[r] * fl.module_flops(p) for r in m if (p := getattr(
+            self.routers[min(r, len(self.routers) - 1)], "predictor", None)) is not None)
+        blocks = (self.flops_per_token(context, run, keys, [0.0] * self.n, [0.0] * self.n)
+                  - self.dense_flops_per_token(context))
+        return {"blocks skipped" if blocks <= 0 else "recursions beyond the backbone": blocks,
+                "routers": routing, "predictors": predicting}
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         """Recursions per token (mean and histogram over 0..N_r) and each recursion's share."""
         counts = tally.sites("depth", range(self.n + 1))

@@ -351,6 +351,18 @@ class PonderModel(Method):
         counts = torch.tensor(tally.sites("passes", range(self.passes + 1)), dtype=torch.float64)
         return self.flops_per_token(counts, context, self.gated(PLAIN))
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Against the one-pass backbone: the passes beyond the first (layers and head), the
+        pondering embeddings, the gates."""
+        counts = tally.sites("passes", range(self.passes + 1))
+        n = max(sum(counts), 1.0)
+        passes = sum(p * c for p, c in enumerate(counts)) / n
+        between = sum(min(p, self.passes - 1) * c for p, c in enumerate(counts)) / n
+        f = self.pass_flops(context)
+        return {"passes beyond the first": (passes - 1) * (f["layers"] + f["head"]),
+                "pondering embeddings": between * f["soft"],
+                "gates": between * f["gate"] if self.gated(PLAIN) else 0.0}
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         """Passes per token (mean and histogram) at the setting measured."""
         counts = tally.sites("passes", range(self.passes + 1))

@@ -605,6 +605,21 @@ class RoutedModel(Method):
         return self.inference_flops_per_token(context, tally.per_token("full", self.layers),
                                               gates_run=tally.per_token("gated", self.layers))
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Full FFNs not run, the cheap paths run instead, the gates (and predictors) run."""
+        fractions = tally.per_token("full", self.layers)
+        gated = tally.per_token("gated", self.layers)
+        ffn = fl.forward_per_token(self.cfg, context)["ffn"] / self.cfg.n_layers
+        out = {"full FFNs skipped": 0.0, "cheap paths": 0.0, "gates": 0.0}
+        for r, f, g in zip(self.routers, fractions, gated, strict=True):
+            out["full FFNs skipped"] -= (1 - f) * ffn
+            out["cheap paths"] += (1 - f) * fl.module_flops(r.cheap)
+            gate = fl.module_flops(r.gate)
+            if r.predictor is not None:
+                gate += fl.module_flops(r.predictor)
+            out["gates"] += g * gate
+        return out
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         fractions = tally.per_token("full", self.layers)
         return {"full_fraction": sum(fractions) / len(fractions),

@@ -204,6 +204,10 @@ class StaticSkip(Method):
         """Every token runs the kept layers, each attending to every earlier token."""
         return self.flops_per_token(context, tally.get("layers") / max(tally.tokens, 1))
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        return {"layers skipped": self.tally_flops(tally, context)
+                - self.dense_flops_per_token(context)}
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         return {"layers_run": tally.get("layers") / max(tally.tokens, 1),
                 "skipped_layers": self.skipped_layers(), "budget": self.budget,

@@ -284,6 +284,15 @@ class TunedModel(Method):
         return self.inference_flops_per_token(context, tally.get("heads") / tokens,
                                               tally.get("mixed") / tokens)
 
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Adapters, head reads beyond one per token, and the ensemble's mixing (router,
+        weighted sums)."""
+        tokens = max(tally.tokens, 1.0)
+        heads, mixed = tally.get("heads") / tokens, tally.get("mixed") / tokens
+        head = fl.forward_per_token(self.cfg, context)["lm_head"]
+        return {"LoRA adapters": self.lora_flops(), "extra head reads": (heads - 1) * head,
+                "mixing": self.extra_flops(heads, mixed)}
+
     def tally_summary(self, tally: Tally) -> dict[str, Any]:
         return self.summary(tally.get("heads") / max(tally.tokens, 1.0), tally.tokens)
 
