@@ -134,6 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = loaded.tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization")
+    if loaded.tokenizer.bos_id is not None:  # as the model's tokenizer starts a document
+        ids = [loaded.tokenizer.bos_id, *ids]
     if len(ids) + args.max_new_tokens > loaded.model.cfg.max_seq_len:
         raise UserError(f"prompt ({len(ids)} tokens) plus --max-new-tokens exceeds the model's "
                         f"context of {loaded.model.cfg.max_seq_len}")

@@ -82,6 +82,9 @@ def evaluate_run(run_dir: Path | str, corpus: str | None = None, block_size: int
         "run": str(run_dir), "kind": loaded.meta.get("kind"), "corpus": corpus_name,
         "block_size": block, "val_loss": val_loss, "perplexity": math.exp(val_loss),
         "bits_per_token": val_loss / math.log(2), "tokens_evaluated": tokens,
+        # how every window started: as the model's tokenizer starts a document
+        "window_start": ("no special token (the tokenizer adds none)"
+                         if data.bos is None else f"bos token {data.bos}"),
     }
     if loaded.tokenizer.is_char:
         result["bits_per_char"] = result["bits_per_token"]
