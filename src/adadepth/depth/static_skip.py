@@ -32,6 +32,9 @@ from adadepth.model import KVCache, LayerStack, Output
 class StaticSkipConfig(Strict):
     """Static layer skipping; defaults are ShortGPT's or ours (docs/methods/static-skip.md)."""
 
+    budget_of: Literal["stack", "model"] = Field(
+        "stack", description="what the budget is a fraction of: the layer stack's FLOPs (what "
+        "is skipped), or the whole model's, LM head included (which no skip removes)")
     budget: float = Field(0.75, gt=0, le=1, description="inference FLOPs as a fraction of the "
                           "dense model's")
     selection: Literal["one_shot", "iterative"] = Field(
@@ -123,10 +126,13 @@ class StaticSkip(Method):
         return influence.float()
 
     def skip_count(self, budget: float, context: float) -> int:
-        """How many layers to skip so the FLOPs per token meet `budget` of the dense model's."""
+        """How many layers to skip so the FLOPs per token meet `budget` of the dense layer
+        stack's (`budget_of: stack`) or the dense model's, head included."""
         dense = fl.forward_per_token(self.cfg, context)
         total = sum(dense.values())
         per_layer = (total - dense["lm_head"]) / self.cfg.n_layers
+        if self.options.budget_of == "stack":  # the head is no part of what the budget means
+            total -= dense["lm_head"]
         available = self.cfg.n_layers - len(set(self.options.keep))
         wanted = (1 - budget) * total / per_layer
         if self.options.rounding == "nearest":
@@ -135,7 +141,8 @@ class StaticSkip(Method):
         if count > available:
             least = (total - available * per_layer) / total
             raise UserError(f"a FLOPs budget of {budget:g} cannot be met: skipping every layer "
-                            f"that may be skipped still costs {least:.3f} of the dense model")
+                            f"that may be skipped still costs {least:.3f} of the dense "
+                            f"{'layer stack' if self.options.budget_of == 'stack' else 'model'}")
         return count
 
     @torch.no_grad()
@@ -178,17 +185,24 @@ class StaticSkip(Method):
         dense_loss = self.dense_reference()(x).loss(y).item()
         context = fl.causal_context(x.shape[1])
         return {"skipped_layers": chosen, "block_influence": self.influence.tolist(),
-                "flops_fraction": self.flops_per_token(context)
-                / self.reference_flops_per_token(context),
+                **self.fractions(context),
                 "held_out_loss": loss, "held_out_loss_dense": dense_loss}
 
     @torch.no_grad()
     def eval_report(self, data, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
         context = fl.causal_context(block_size)
-        return {"budget": self.budget, "skipped_layers": self.skipped_layers(),
+        return {"budget": self.budget, "budget_of": self.options.budget_of,
+                "skipped_layers": self.skipped_layers(),
                 "flops_ratio": self.flops_per_token(context)
-                / self.reference_flops_per_token(context)}
+                / self.reference_flops_per_token(context), **self.fractions(context)}
+
+    def fractions(self, context: float) -> dict[str, float]:
+        """The FLOPs kept, as a fraction of the dense layer stack's and of the whole model's."""
+        head = fl.forward_per_token(self.cfg, context)["lm_head"]
+        total, dense = self.flops_per_token(context), self.reference_flops_per_token(context)
+        return {"flops_fraction_stack": (total - head) / (dense - head),
+                "flops_fraction": total / dense}
 
     # -- cost and the bench ----------------------------------------------------------------------
     def flops_per_token(self, context: float, layers_run: float | None = None) -> float:
