@@ -245,4 +245,6 @@ def test_every_study_refuses_a_folder_of_another_recipe(name: str, first: list[s
     ck.write_json_atomic(tmp_path / RECORD, kind(StudyOptions(**options)).record())
     line = one_line_error(capsys, "study", name, "--out", tmp_path, *then)
     assert "another recipe" in line and differs in line
+    line = one_line_error(capsys, "study", "aux-losses", "--report-only", "--out", tmp_path)
+    assert f"holds the {name} study, not aux-losses" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD]  # nothing ran

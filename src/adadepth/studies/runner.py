@@ -89,15 +89,22 @@ def cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the recorded recipe ------------------------------------------------------------------------
+def held_record(out: Path) -> dict[str, Any] | None:
+    """The recipe a study folder recorded (None: none recorded)."""
+    path = out / RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err
+
+
 def check_record(out: Path, record: dict[str, Any]) -> None:
     """Refuse a study folder written with another recipe: its runs would be skipped as finished
     and mixed into this study's report."""
-    path = out / RECORD
-    if path.is_file():
-        try:
-            held = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from err
+    held = held_record(out)
+    if held is not None:
         differs = [k for k in sorted(record.keys() | held.keys()) if record.get(k) != held.get(k)]
         if differs:
             what = "; ".join(f"{k} {held.get(k)!r} there, {record.get(k)!r} here"
@@ -135,6 +142,9 @@ def run_study(name: str, options: StudyOptions) -> dict[str, Any]:
     out = options.out or Path(f"runs/study-{name}")
     study = kind(options)  # an unknown preset is refused here, before anything is read
     if options.report_only:
+        held = held_record(out)
+        if held is not None and held.get("study") != name:
+            raise UserError(f"{out} holds the {held.get('study')} study, not {name}")
         results = study.read(out)
         study.report(results, out)
     else:
