@@ -8,10 +8,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from adadepth.jobs.route import smoothed
 from adadepth.studies.findings import policy_table, recovery_table, scales_table
 from adadepth.studies.plots import plt, save_figure
-from adadepth.studies.stats import Arms, by_arm, count, head_to_head, mean_std
+from adadepth.studies.stats import Arms, by_arm, count, ema, head_to_head, mean_std
 from adadepth.train.checkpoint import write_text_atomic
 
 FLOPS_PROXY = (
@@ -58,7 +57,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, rs in arms.items():
         for ax, key in zip(axes, ("lm_curve", "grad_norm_curve"), strict=True):
-            curves = np.array([smoothed(r[key], alpha) for r in rs])
+            curves = np.array([ema(r[key], alpha) for r in rs])
             x = np.arange(1, curves.shape[1] + 1)
             mean, std = curves.mean(0), curves.std(0)
             (line,) = ax.plot(x, mean, label=name, lw=1.2)

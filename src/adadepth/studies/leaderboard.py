@@ -29,7 +29,7 @@ from adadepth.studies.leaderboard_eval import (
     evaluate_entry,
 )
 from adadepth.studies.recipes import RECIPES as BACKBONES
-from adadepth.studies.runner import cached, progress
+from adadepth.studies.runner import cached, job_defaults, progress
 from adadepth.studies.shape import Arm, Recipe, Study, merge, recipe_of, run_of
 from adadepth.train.loop import resolve_device
 
@@ -127,19 +127,13 @@ def check_budgets(budgets: list[float]) -> None:
 
 
 def base_config(entry: Arm, backbone: Path, preset: Preset, device: str) -> dict[str, Any]:
-    """The defaults of the entry's job with the leaderboard's backbone and training sizes."""
-    from adadepth.jobs.fit import FitConfig
-    from adadepth.jobs.route import RouteConfig
-
+    """The defaults of the entry's job with the leaderboard's backbone and training sizes (the
+    defaults in full, so that the preset's overrides set keys in them)."""
     steps = entry.config.get("train", {}).get("steps", preset.steps)
     train = {"steps": steps, "batch_size": preset.batch_size, "device": device,
              "eval_interval": 10**9, "log_interval": 10, "ckpt_interval": max(20, steps // 4)}
-    if entry.job == "route":
-        base = RouteConfig(backbone=str(backbone)).model_dump()
-    else:
-        base = {**FitConfig(method=entry.config["method"]).model_dump(include={"optim", "train"}),
-                "backbone": str(backbone)}
-    return merge(base, {"train": train})
+    return merge(job_defaults(entry.job, entry.config.get("method")),
+                 {"backbone": str(backbone), "train": train})
 
 
 def overrides_for(entry: Arm, overrides: list[str]) -> list[str]:

@@ -22,10 +22,25 @@ RECORD = "study.json"
 T = TypeVar("T")
 
 
+# The one place that knows how each training command is called (these two functions): when
+# `route` becomes `fit --method routing`, only they change.
+def job_defaults(job: str, method: str | None = None) -> dict[str, Any]:
+    """The command's own defaults as its YAML would hold them (a command may default some
+    sections unlike the section's own defaults: route's optim), for a study to set keys in."""
+    if job == "route":
+        from adadepth.jobs.route import RouteConfig
+
+        return RouteConfig(backbone="").model_dump(exclude={"backbone"})
+    if job == "fit":
+        from adadepth.jobs.fit import FitConfig
+
+        return FitConfig(method=method or "").model_dump(include={"optim", "train"})
+    raise ValueError(f"no study job {job!r}")
+
+
 def launch(job: str, config: dict[str, Any], folder: Path) -> Metrics:
     """Train one run with the command `job`, from `config` as that command's YAML would hold
-    it, resumably, and return its metrics.json. The one place that knows how each command is
-    called: when `route` becomes `fit --method routing`, only this function changes."""
+    it, resumably, and return its metrics.json."""
     from adadepth.config import validate
 
     folder = Path(folder)

@@ -1,5 +1,5 @@
-"""The statistics every study's report uses: runs grouped by arm, mean ± std over seeds and
-per-seed head-to-heads. Nothing here reads from disk."""
+"""The statistics every study's report uses: runs grouped by arm, mean ± std over seeds,
+per-seed head-to-heads and smoothed curves. Nothing here reads from disk."""
 
 from __future__ import annotations
 
@@ -66,3 +66,11 @@ def count(h: tuple[int, int] | None) -> str:
 
 def share(h: tuple[int, int]) -> float:
     return h[0] / h[1] if h[1] else 0.0
+
+
+def ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average of a curve (for plots), starting at its first value."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
