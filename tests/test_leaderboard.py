@@ -19,6 +19,8 @@ from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.eval import decode_eval
 from adadepth.model import Transformer
 from adadepth.studies import leaderboard, recipes
+from adadepth.studies.runner import run
+from adadepth.studies.shape import StudyOptions
 
 
 def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
@@ -41,6 +43,13 @@ def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
     assert torch.equal(depth[0], torch.ones(3, 16))  # one full-path layer per token
 
 
+def run_leaderboard(out: Path, methods: list[str], budgets: tuple[float, ...] | None = None
+                    ) -> dict:
+    options = StudyOptions(preset="toy", seeds=1, methods=tuple(methods), budgets=budgets,
+                           show_progress=False)
+    return run(leaderboard.Leaderboard(options), out)
+
+
 @pytest.fixture
 def toy_sizes(monkeypatch: pytest.MonkeyPatch) -> leaderboard.Preset:
     """A backbone of 40 steps and methods of 4 steps, on a few short windows."""
@@ -59,8 +68,7 @@ def toy_sizes(monkeypatch: pytest.MonkeyPatch) -> leaderboard.Preset:
 
 def test_a_resumed_leaderboard_gives_the_same_table(toy_sizes, tmp_path: Path) -> None:
     out = tmp_path / "lb"
-    first = leaderboard.run_study("toy", 1, out, methods=["routing-g1", "random-routing"],
-                                  show_progress=False)
+    first = run_leaderboard(out, ["routing-g1", "random-routing"])
     table = (out / "report.md").read_text()
     rows = {(r["entry"], r["budget"]) for r in first["rows"]}
     assert rows == {("routing-g1", 0.5), ("routing-g1", 0.75), ("random-routing", 0.5),
@@ -73,8 +81,7 @@ def test_a_resumed_leaderboard_gives_the_same_table(toy_sizes, tmp_path: Path) -
     for png in ("quality_vs_cost.png", "where_compute_goes.png"):
         assert (out / png).stat().st_size > 5000
     (out / "report.md").unlink()
-    again = leaderboard.run_study("toy", 1, out, methods=["routing-g1", "random-routing"],
-                                  show_progress=False)
+    again = run_leaderboard(out, ["routing-g1", "random-routing"])
     assert (out / "report.md").read_text() == table
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(first["rows"], sort_keys=True)
 
@@ -86,12 +93,12 @@ def test_every_other_method_trains_evaluates_and_benches(toy_sizes, tmp_path: Pa
     names = [e.name for e in leaderboard.ENTRIES if e.config["method"] != "routing"]
     assert {"mod", "static-skip", "calm", "layerskip-exit", "layerskip-spec", "ponder",
             "ensemble"} <= set(names)
-    short = [dataclasses.replace(e, steps=4 if e.steps else None) for e in leaderboard.ENTRIES]
+    short = [dataclasses.replace(e, config={**e.config, "train": {"steps": 4}})
+             if "train" in e.config else e for e in leaderboard.ENTRIES]
     monkeypatch.setattr(leaderboard, "ENTRIES", short)
     toy_sizes.overrides.extend(["calm.calibration_windows=4", "static-skip.calibration_windows=4",
                                 "mod.capacity=0.5"])
-    results = leaderboard.run_study("toy", 1, tmp_path / "lb", methods=names, budgets=[0.75],
-                                    show_progress=False)
+    results = run_leaderboard(tmp_path / "lb", names, budgets=(0.75,))
     by_entry = {r["entry"]: r for r in results["rows"]}
     assert set(by_entry) == {*names, "all-cheap"}
     for name in names:

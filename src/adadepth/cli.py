@@ -252,9 +252,18 @@ def cmd_backbone(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from adadepth.studies import run_study
+    from adadepth.bench import parse_list
+    from adadepth.studies import StudyOptions, run_study
 
-    run_study(args)
+    options = StudyOptions(
+        preset=args.preset, seeds=args.seeds, out=Path(args.out) if args.out else None,
+        device=args.device, workers=args.workers, report_only=args.report_only,
+        steps=args.steps, ablations=args.ablations, corpus=args.corpus,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.methods else None,
+        budgets=tuple(parse_list(args.budgets, float, "budgets")) if args.budgets else None,
+        compare=tuple(args.compare))
+    print(json.dumps(run_study(args.name, options)))
 
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -401,12 +410,14 @@ def build_parser() -> Parser:
                    "(default 0.5,0.75)")
     p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=positive_int, help="runs at a time, each in a worker "
+                   "process of one thread (default: 2 on a CPU for ponder, else 1)")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS",
                    help="aux-losses: another scale's study folder or results.json for the "
-                   "across-scales table (repeatable; a clone's docs/studies/aux-losses-*/ are "
-                   "read anyway)")
+                   "across-scales table (repeatable; from a clone, e.g. "
+                   "docs/studies/aux-losses-small)")
     p.add_argument("--report-only", action="store_true",
-                   help="aux-losses: rewrite OUT/report.md from OUT/results.json, running "
+                   help="rewrite OUT/report.md and the plots from OUT/results.json, running "
                    "nothing")
     p.set_defaults(func=cmd_study)
     return parser

@@ -3,33 +3,18 @@ and after, the routing weights, the cost, and the paper's claims beside ours wit
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
-import matplotlib
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.stats import Arms, by_arm, count, head_to_head, mean_std
+from adadepth.train.checkpoint import write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.studies.report import (  # noqa: E402
-    by_arm,
-    count,
-    head_to_head,
-    mean_std,
-    save_figure,
-)
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
-
-Run = dict[str, Any]
 ENSEMBLES = ("ensemble", "ensemble+lora")
 
 
-def mean(values: list[float]) -> float:
-    return statistics.mean(values)
-
-
-def arm_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def arm_table(arms: Arms, before: dict[str, Any]) -> list[str]:
     head = ["arm", "seeds", "trainable params", "val loss (before → after)", "Δ loss",
             "accuracy (before → after)", "inference FLOPs / base", "training FLOPs",
             "wall s"]
@@ -50,7 +35,7 @@ def arm_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
     return lines
 
 
-def layer_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def layer_table(arms: Arms, before: dict[str, Any]) -> list[str]:
     """Per late layer: its own loss and accuracy before (final norm) and after tuning."""
     layers = before["late_layers"]
     head = ["late layer", "loss before (logit lens)", *[f"loss after, {a}" for a in ENSEMBLES
@@ -69,7 +54,7 @@ def layer_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]
     return lines
 
 
-def complementarity(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def complementarity(arms: Arms, before: dict[str, Any]) -> list[str]:
     lines = ["| | final layer's accuracy | best late layer per token (oracle) | gain | "
              "the ensemble's accuracy |", "|---|---|---|---|---|",
              f"| before tuning | {before['late_layer_accuracy'][-1]:.4f} | "
@@ -86,7 +71,7 @@ def complementarity(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[
     return lines
 
 
-def routing_table(arms: dict[str, list[Run]]) -> list[str]:
+def routing_table(arms: Arms) -> list[str]:
     lines = []
     for a in ENSEMBLES:
         if a not in arms:
@@ -115,7 +100,7 @@ def worst_gap(losses: list[float]) -> float:
     return max(losses[:-1], default=losses[-1]) / losses[-1] - 1
 
 
-def paper_comparison(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def paper_comparison(arms: Arms, before: dict[str, Any]) -> list[str]:
     """Each published claim beside what we find, with the criterion we judge it by."""
     out = ["| the paper's claim (arXiv 2410.13077, abstract) | ours | criterion | reproduced? |",
            "|---|---|---|---|"]
@@ -161,7 +146,7 @@ def paper_comparison(arms: dict[str, list[Run]], before: dict[str, Any]) -> list
     return out
 
 
-def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list[str]:
+def plots(arms: Arms, before: dict[str, Any], out: Path) -> list[str]:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -174,8 +159,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="validation loss (nats/token)",
            title="validation loss after tuning against trainable parameters")
     ax.legend(fontsize=8)
-    files: list[str] = []
-    save_figure(fig, out, "loss_vs_parameters.png", files)
+    files = [save_figure(fig, out / "loss_vs_parameters.png")]
 
     present = [a for a in ENSEMBLES if a in arms]
     if present:
@@ -192,7 +176,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
             ax.set_xticks(x, [str(layer) for layer in layers])
             ax.set(title=f"{a}: routing weights", xlabel="late layer", ylim=(0, 1))
             ax.legend(fontsize=7)
-        save_figure(fig, out, "routing_weights.png", files)
+        files.append(save_figure(fig, out / "routing_weights.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         layers = before["late_layers"]
@@ -204,7 +188,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
         ax.set(xlabel="layer", ylabel="validation loss of the layer alone",
                title="each late layer's own loss", xticks=layers)
         ax.legend(fontsize=8)
-        save_figure(fig, out, "late_layers.png", files)
+        files.append(save_figure(fig, out / "late_layers.png"))
     return files
 
 

@@ -9,64 +9,16 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from adadepth.studies.scales import SCALES
+from adadepth.studies.stats import Arms, Row, arm_mean, count, head_to_head, mean_std, share
 
-Run = dict[str, Any]
-Arms = dict[str, list[Run]]
 BASELINE_ENDS = ("all-cheap", "all-full")  # the two ends of the loss gap
 
 
-def by_arm(runs: list[Run]) -> Arms:
-    arms: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        arms[r["arm"]].append(r)
-    for rs in arms.values():
-        rs.sort(key=lambda r: r["seed"])
-    return dict(arms)
-
-
-def mean_std(values: list[float | None], digits: str = ".4g", std_digits: str = ".2g",
-             scale: float = 1.0, unit: str = "") -> str:
-    """'mean ± std' over the seeds' values (None: not measured), each times `scale`; one value
-    alone, or 'n/a'. The formats are Python format specs."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{scale * values[0]:{digits}}{unit}"
-    return (f"{scale * statistics.mean(values):{digits}} ± "
-            f"{scale * statistics.stdev(values):{std_digits}}{unit}")
-
-
-def arm_mean(arms: Arms, arm: str, key: str) -> float | None:
-    values = [r[key] for r in arms.get(arm, []) if r.get(key) is not None]
-    return statistics.mean(values) if values else None
-
-
-def head_to_head(arms: Arms, a: str, b: str, key: str, lower: bool = True
-                 ) -> tuple[int, int] | None:
-    """Seeds where arm a beats arm b on key (paired by seed)."""
-    if a not in arms or b not in arms:
-        return None
-    theirs = {r["seed"]: r[key] for r in arms[b]}
-    pairs = [(r[key], theirs[r["seed"]]) for r in arms[a] if r["seed"] in theirs]
-    return sum((x < y) if lower else (x > y) for x, y in pairs), len(pairs)
-
-
-def count(h: tuple[int, int] | None) -> str:
-    return "n/a" if h is None else f"{h[0]}/{h[1]} seeds"
-
-
-def share(h: tuple[int, int]) -> float:
-    return h[0] / h[1] if h[1] else 0.0
-
-
-def early_lm(run: Run, fraction: float = 0.25) -> float:
+def early_lm(run: Row, fraction: float = 0.25) -> float:
     """Mean LM loss over the first `fraction` of the steps: early-to-mid optimisation."""
     curve = run["lm_curve"]
     n = max(1, int(len(curve) * fraction))

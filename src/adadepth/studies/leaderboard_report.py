@@ -3,29 +3,19 @@ reading of the table, and where the compute goes in one validation passage per m
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from adadepth.depthmap import DepthText, png
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.stats import Row, mean
+from adadepth.train.checkpoint import write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.depthmap import DepthText, png  # noqa: E402
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
-
-Row = dict[str, Any]
 Key = tuple[str, float | None]
 SPEEDS = ("prefill", "decode_b1", "decode_b8")
 NOTICEABLE = 1.5  # the speedup a user would notice
 TOLERANCE = 0.01  # "no more than 1% higher validation loss than dense"
-
-
-def mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -189,10 +179,7 @@ def plots(results: dict[str, Any], lines: dict[Key, dict[str, Any]], out: Path) 
     if results.get("speed_references"):
         axes[2].legend(handles=[h for h in axes[2].get_lines() if "(own reference)" in
                                 str(h.get_label())], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_cost.png", dpi=110)
-    plt.close(fig)
-    files = ["quality_vs_cost.png"]
+    files = [save_figure(fig, out / "quality_vs_cost.png")]
     passages = []
     for (entry, budget), rows in grouped(results["rows"]).items():
         row = rows[0]

@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.stats import Arms, by_arm, mean_std, per_seed
+from adadepth.train.checkpoint import write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.studies.report import mean_std  # noqa: E402
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
-
-Run = dict[str, Any]
 # "Comparable perplexity": within 1% (0.01 nats), our reading of the paper's wording.
 COMPARABLE_NATS = 0.01
 
 
-def by_arm(runs: list[Run], track: str) -> dict[str, list[Run]]:
-    arms: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        if r["track"] == track:
-            arms[r["arm"]].append(r)
-    for rs in arms.values():
-        rs.sort(key=lambda r: r["seed"])
-    return dict(arms)
-
-
-def per_seed(arms: dict[str, list[Run]], arm: str) -> dict[int, Run]:
-    return {r["seed"]: r for r in arms.get(arm, [])}
-
-
-def arm_table(arms: dict[str, list[Run]]) -> list[str]:
+def arm_table(arms: Arms) -> list[str]:
     head = ["arm", "seeds", "val loss", "perplexity", "avg passes", "FLOPs vs backbone",
             "FLOPs vs PonderLM", "train wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -54,7 +34,7 @@ def arm_table(arms: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def versus_ponderlm(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, Any]]:
+def versus_ponderlm(arms: Arms) -> tuple[list[str], dict[str, Any]]:
     """AdaPonderLM's compute saving over PonderLM and its loss difference, per seed."""
     ada, fixed = per_seed(arms, "AdaPonderLM"), per_seed(arms, "PonderLM")
     lines = ["| seed | PonderLM val loss | AdaPonderLM val loss | difference | AdaPonderLM "
@@ -70,7 +50,7 @@ def versus_ponderlm(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, An
     return lines, {"savings": savings, "diffs": diffs}
 
 
-def iso_flops(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, list[bool]]]:
+def iso_flops(arms: Arms) -> tuple[list[str], dict[str, list[bool]]]:
     """AdaPonderLM against the uniform and geometric schedules aimed at its passes, per seed."""
     ada = per_seed(arms, "AdaPonderLM")
     lines = ["| seed | AdaPonderLM: passes, val loss | uniform: passes, val loss | geometric: "
@@ -122,7 +102,7 @@ def verdict(all_seeds: bool, some: bool) -> str:
     return "reproduced" if all_seeds else ("partly" if some else "not reproduced")
 
 
-def findings(arms: dict[str, list[Run]], vs: dict[str, Any], wins: dict[str, list[bool]],
+def findings(arms: Arms, vs: dict[str, Any], wins: dict[str, list[bool]],
              rhos: list[float]) -> list[str]:
     out = ["| published finding | paper | ours | verdict |", "|---|---|---|---|"]
     savings, diffs = vs["savings"], vs["diffs"]
@@ -173,14 +153,7 @@ def findings(arms: dict[str, list[Run]], vs: dict[str, Any], wins: dict[str, lis
 
 
 # -- plots ---------------------------------------------------------------------------------------
-def save(fig: Any, ax: Any, path: Path) -> None:
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
+def pareto_plot(arms: Arms, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = {"baseline": "s", "ada": "o", "sweep": "o", "ablation": "^", "schedule": "D"}
     ada_points = []
@@ -201,10 +174,10 @@ def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
         ax.plot(*zip(*frontier, strict=True), "k--", lw=0.8, label="AdaPonderLM frontier (means)")
     ax.set(xlabel="inference FLOPs per token / backbone's", ylabel="validation perplexity",
            title=title)
-    save(fig, ax, path)
+    save_figure(fig, path, dpi=120, legend=ax)
 
 
-def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: str,
+def passes_plots(arms: Arms, analysis: dict[str, Any], track: str,
                  out: Path) -> list[str]:
     files = [f"passes_{track}.png", f"passes_vs_nll_{track}.png"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -218,7 +191,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                [h / total for h in hist], width, label=name)
     ax.set(xlabel="passes run", ylabel="fraction of held-out tokens",
            title="passes per token (all seeds)")
-    save(fig, ax, out / files[0])
+    save_figure(fig, out / files[0], dpi=120, legend=ax)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, key in enumerate(sorted(k for k in analysis if k.startswith(f"{track}-seed"))):
@@ -232,7 +205,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                    alpha=0.15, color=f"C{n}")
     ax.set(xlabel="passes under AdaPonderLM", ylabel="NLL under the backbone (nats)",
            title="harder tokens (by the backbone) get more passes?")
-    save(fig, ax, out / files[1])
+    save_figure(fig, out / files[1], dpi=120, legend=ax)
     return files
 
 
@@ -255,7 +228,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     ]
     for track in results["tracks"]:
         name = track["name"]
-        arms = by_arm(results["runs"], name)
+        arms = by_arm(results["runs"], track=name)
         if not arms:
             continue
         shape = f"preset `{track['preset']}` with {track['model']}"

@@ -1,25 +1,20 @@
-"""The aux-loss study's recipes: how big each preset's study is, and the record in the study
-folder that keeps one folder to one recipe (so a resumed study never mixes runs of two).
-"""
+"""The aux-loss study's recipes: how big each preset's study is (its backbone and every
+controller run); the leaderboard's backbones are these too."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from adadepth.errors import UserError
-from adadepth.train.checkpoint import write_json_atomic
+from adadepth.studies import shape
 
-RECORD = "study.json"
 # The general-text corpus of the `paper` recipe: the paper trained on "a fineweb-edu subset".
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu:sample-10BT"
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(shape.Recipe):
     """Sizes of one preset's study: the backbone's pretraining and every controller run."""
 
     corpus: str
@@ -32,10 +27,6 @@ class Recipe:
     max_docs: int | None = None  # documents taken from a streamed corpus (None: all / default)
     routing: dict[str, Any] = field(default_factory=dict)  # routing options of every run
     train: dict[str, Any] = field(default_factory=dict)  # train options of every run
-
-    def record(self, preset: str) -> dict[str, Any]:
-        """What must agree for a study folder to be resumed."""
-        return {"study": "aux-losses", "preset": preset, **dataclasses.asdict(self)}
 
 
 RECIPES = {
@@ -68,9 +59,7 @@ RECIPES = {
 
 def recipe_for(preset: str, corpus: str | None = None, steps: int | None = None) -> Recipe:
     """The preset's recipe with the command line's overrides."""
-    if preset not in RECIPES:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(RECIPES)}")
-    recipe = RECIPES[preset]
+    recipe = shape.recipe_of(RECIPES, preset, "aux-losses")
     if corpus is not None and corpus != recipe.corpus:
         # max_docs was chosen for the default corpus; another one is read whole (or, streamed,
         # up to the corpora module's default).
@@ -78,31 +67,3 @@ def recipe_for(preset: str, corpus: str | None = None, steps: int | None = None)
     if steps is not None:
         recipe = dataclasses.replace(recipe, controller_steps=steps)
     return recipe
-
-
-def check_recipe(out: Path, record: dict[str, Any]) -> None:
-    """Refuse a study folder written with another recipe: its runs would be skipped as finished
-    and mixed into this study's report."""
-    path = out / RECORD
-    if path.is_file():
-        try:
-            held = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from err
-        differs = [k for k in sorted(record.keys() | held.keys()) if record.get(k) != held.get(k)]
-        if differs:
-            what = "; ".join(f"{k} {held.get(k)!r} there, {record.get(k)!r} here"
-                             for k in differs[:3])
-            raise UserError(f"{out} holds a study of another recipe ({what}): resume it with "
-                            "the same --preset/--steps/--corpus, or use another --out")
-        return
-    if any((out / "runs").glob("*/config.json")):
-        raise UserError(f"{out} holds runs but no {RECORD} (a study from before recipes were "
-                        "recorded), so its recipe cannot be checked: use another --out")
-
-
-def write_recipe(out: Path, record: dict[str, Any]) -> None:
-    """Record the recipe in a new study folder (check_recipe has passed)."""
-    if not (out / RECORD).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RECORD, record)

@@ -8,23 +8,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.depth.oracle import smoothed  # noqa: E402
-from adadepth.studies.findings import (  # noqa: E402
-    Arms,
-    by_arm,
-    count,
-    head_to_head,
-    mean_std,
-    policy_table,
-    recovery_table,
-    scales_table,
-)
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
+from adadepth.studies.findings import policy_table, recovery_table, scales_table
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.stats import Arms, by_arm, count, ema, head_to_head, mean_std
+from adadepth.train.checkpoint import write_text_atomic
 
 FLOPS_PROXY = (
     "**How the FLOPs proxy is counted.** Analytic training FLOPs per token of one controller "
@@ -63,14 +50,6 @@ def arm_table(arms: Arms) -> list[str]:
     return lines
 
 
-def save_figure(fig: Any, out: Path, name: str, files: list[str]) -> None:
-    """Write a figure as out/name (PNG), close it, and list it in `files`."""
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
-
-
 def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     import numpy as np
 
@@ -78,7 +57,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, rs in arms.items():
         for ax, key in zip(axes, ("lm_curve", "grad_norm_curve"), strict=True):
-            curves = np.array([smoothed(r[key], alpha) for r in rs])
+            curves = np.array([ema(r[key], alpha) for r in rs])
             x = np.arange(1, curves.shape[1] + 1)
             mean, std = curves.mean(0), curves.std(0)
             (line,) = ax.plot(x, mean, label=name, lw=1.2)
@@ -86,7 +65,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     axes[0].set(title="LM loss (EMA), mean ± std over seeds", xlabel="step", ylabel="nats/token")
     axes[1].set(title="controller gradient norm (EMA)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7, ncol=2)
-    save_figure(fig, out, "loss_curves.png", files)
+    files.append(save_figure(fig, out / "loss_curves.png"))
 
     fig, ax = plt.subplots(figsize=(10, 4))
     names = list(arms)
@@ -100,7 +79,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=8)
     ax.set(title="realised full fraction per controlled layer", ylim=(0, 1.05))
     ax.legend(fontsize=7)
-    save_figure(fig, out, "full_fraction.png", files)
+    files.append(save_figure(fig, out / "full_fraction.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     values = [statistics.mean(r["flops_proxy"] for r in arms[n]) for n in names]
@@ -111,10 +90,8 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set(title="training FLOPs proxy relative to full-only training")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     ax.legend(fontsize=7)
-    save_figure(fig, out, "flops_proxy.png", files)
+    files.append(save_figure(fig, out / "flops_proxy.png"))
     return files
-
-
 
 
 def backbone_words(results: dict[str, Any]) -> str:
