@@ -315,7 +315,9 @@ class HFAdapter(nn.Module):
         return h + (mod.post_feedforward_layernorm(out) if sandwich else out)
 
     def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
-        """Only the layer's K/V: the layer runs until its attention stores them, then stops."""
+        """Only the layer's K/V: the layer runs until its attention stores them, then stops.
+        Where the attention has a query projection of its own (Llama, Gemma 3) it is stubbed
+        for the call: the queries are never used, so only K/V projections run."""
         if ctx.cache is None:
             raise ValueError("write_kv needs a cache to write to")
         slot = ctx.kv_offset + layer
@@ -325,10 +327,17 @@ class HFAdapter(nn.Module):
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
+        attn = getattr(self.layers[layer], "self_attn", None)
+        query = getattr(attn, "q_proj", None)
         try:
+            if query is not None:
+                attn.q_proj = _NoQuery(self.cfg.head_dim)
             self.layers[layer](x, **kwargs)
         except _KVWritten:
             return
+        finally:
+            if query is not None:
+                attn.q_proj = query
         raise RuntimeError(f"layer {layer} of {self.family.label} never wrote its cache")
 
     def final_norm(self, hidden: Tensor) -> Tensor:
@@ -399,6 +408,18 @@ class _ContextFFN(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         return self.inner(u, _CURRENT.get())
+
+
+class _NoQuery(nn.Module):
+    """Stands in for a query projection whose output is never read (`write_kv`): zeros of one
+    head, which the attention reshapes and rotates at no matmul cost before storing K/V."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h.new_zeros(*h.shape[:-1], self.head_dim)
 
 
 def _causal(T: int, n_keys: int, device: torch.device) -> Tensor:
