@@ -188,25 +188,25 @@ class RouterTuning(Method):
         """The layer with its attention run by the tokens of `attend` alone, the FFN by all."""
         bb, call = self.backbone, ctx.call if ctx.call is not None else PLAIN
         call.record(("attend", j), attend)
-        ste = z is not None and torch.is_grad_enabled() and z.requires_grad
-        if ste:
-            call.record(("gate", j), (torch.sigmoid(z), attend))
+        # sigmoid(z) where the straight-through gradient must reach the router (training)
+        s = (torch.sigmoid(z) if z is not None and torch.is_grad_enabled() and z.requires_grad
+             else None)
+        if s is not None:
+            call.record(("gate", j), (s, attend))
         B, T = attend.shape
-        if ste and self.options.training_attention == "all":
+        if s is not None and self.options.training_attention == "all":
             # The paper's straight-through estimator: every token's attention runs, the gate
             # (binary forward, identity backward) multiplies its update, so a skipped token's
             # router learns what attending would have changed. Training only; counted as run.
-            assert z is not None
             if call.tally is not None:
                 self._count(call.tally, j, ctx, torch.ones_like(attend), B * T, True)
-            s = torch.sigmoid(z)
             gate = (attend.to(s.dtype) + s - s.detach()).unsqueeze(-1).to(x.dtype)
             return bb.run_ffn(layer, x + gate * (bb.run_attention(layer, x, ctx) - x), ctx)
         n = int(attend.sum())
         write = self.options.skipped_kv == "write" and n < B * T
         if call.tally is not None:
             self._count(call.tally, j, ctx, attend, n, z is not None)
-        if n == B * T and not ste:  # nobody skips: the layer as it is
+        if n == B * T and s is None:  # nobody skips: the layer as it is
             return bb.run_layer(layer, x, ctx)
         kv_ctx = self._kv_context(ctx, B) if write else ctx
         h = x
@@ -224,10 +224,9 @@ class RouterTuning(Method):
         if sub is not None:
             part = sub.gather(x)
             out = bb.run_attention(layer, part, sub.ctx)
-            if ste:  # the straight-through gate: adds exactly 0, its gradient is the update
-                assert z is not None
-                s = sub.gather(torch.sigmoid(z))
-                out = out + (s - s.detach()).unsqueeze(-1).to(out.dtype) * (out - part)
+            if s is not None:  # the straight-through gate: adds exactly 0, its gradient is
+                g = sub.gather(s)  # the attention update
+                out = out + (g - g.detach()).unsqueeze(-1).to(out.dtype) * (out - part)
             h = sub.scatter(x, out)
         if write and whole:
             cache.complete[slot] = True
