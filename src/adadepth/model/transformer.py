@@ -11,6 +11,8 @@ adapters (`adadepth.hf.adapters`) implement too, so a method written once runs o
   per-call instructions `call`; see `model/cache.py`);
 - `run_layer(i, x, ctx)`: one block on the tokens of `ctx`, which may be a subset chosen with
   `ctx.select(...)` (whole-block skipping), attending to what the cache holds for them;
+- `run_attention(i, x, ctx)` / `run_ffn(i, h, ctx)`: the block's two sub-blocks, each with its
+  residual, whose composition is `run_layer` exactly (skipping attention alone per token);
 - `write_kv(i, x, ctx)`: only the block's keys and values, for tokens whose state is copied up
   past the layer (early exit, halted tokens);
 - `get_ffn(i)` / `set_ffn(i, module)`: each block's FFN is its own module, called on the
@@ -246,7 +248,14 @@ class Block(nn.Module):
         self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
+        return self.feed(self.attend(x, cos, sin, ctx, layer), ctx)
+
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        """The attention sub-block with its residual: x + attn(norm(x))."""
+        return x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
+
+    def feed(self, h: Tensor, ctx: Context) -> Tensor:
+        """The FFN sub-block with its residual: h + ffn(norm(h))."""
         u = self.ffn_norm(h)
         return h + (self.ffn(u, ctx) if getattr(self.ffn, "takes_context", False)
                     else self.ffn(u))
@@ -359,6 +368,17 @@ class Transformer(nn.Module):
     def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
         cos, sin = self.rope(ctx)
         return self.blocks[layer](x, cos, sin, ctx, layer)
+
+    def run_attention(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        """Only block `layer`'s attention sub-block (with its residual); `run_ffn` of its
+        output is `run_layer`, exactly."""
+        cos, sin = self.rope(ctx)
+        return self.blocks[layer].attend(x, cos, sin, ctx, layer)
+
+    def run_ffn(self, layer: int, h: Tensor, ctx: Context) -> Tensor:
+        """Only block `layer`'s FFN sub-block (with its residual), on any tokens: it is
+        position-wise."""
+        return self.blocks[layer].feed(h, ctx)
 
     def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
         """Only the K/V of block `layer` for the tokens of ctx, written to ctx.cache."""
