@@ -56,7 +56,7 @@ def main() -> None:
     data = prepare_tokens(load_corpus(d["corpus"], val_fraction=d.get("val_fraction", 0.1)),
                           loaded.tokenizer)
     calibration, held_out = heldout(data, WINDOWS, LENGTH)
-    dense_loss = decode_eval(loaded.model, held_out)[0]
+    dense_loss = decode_eval(loaded.model, held_out).loss
     rows = [{"recipe": "dense backbone", "budget": 1.0, "flops": 1.0, "val_loss": dense_loss}]
     for i, (name, options) in enumerate(RECIPES.items()):
         run_dir = out / f"recipe-{i}"

@@ -411,10 +411,11 @@ def test_the_leaderboard_reads_flops_from_what_ran() -> None:
     dense = fl.forward_per_token(model.cfg, ctx)
     block = (sum(dense.values()) - dense["lm_head"]) / model.cfg.n_layers
     router = fl.linear(model.cfg.d_model, 1)
-    _, fraction, summary, depth = decode_eval(model, windows, call=Call(force=False))
+    result = decode_eval(model, windows, call=Call(force=False))
+    fraction, summary, depth = result.flops_fraction, result.summary, result.depth
     assert fraction == pytest.approx(1 - block / sum(dense.values()), rel=1e-9)
     assert summary["capacity_per_layer"] == [0.0]
     assert torch.equal(depth[0], torch.full((3, 16), 2.0))
-    _, fraction, _, _ = decode_eval(model, windows, call=Call(force=True))
+    fraction = decode_eval(model, windows, call=Call(force=True)).flops_fraction
     assert fraction == pytest.approx(1 + router / sum(dense.values()), rel=1e-9)
     assert model.current_knob_value() == 0.5

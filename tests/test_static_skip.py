@@ -174,7 +174,8 @@ def test_the_leaderboard_reads_flops_from_what_ran() -> None:
 
     model = StaticSkip(four_layers(), StaticSkipConfig()).eval()
     model.set_skipped([1, 3])
-    _, fraction, summary, depth = decode_eval(model, tokens(3, 17, seed=6))
+    result = decode_eval(model, tokens(3, 17, seed=6))
+    fraction, summary, depth = result.flops_fraction, result.summary, result.depth
     dense = fl.forward_per_token(model.cfg, fl.causal_context(16))
     total = sum(dense.values())
     assert fraction == pytest.approx((dense["lm_head"] + (total - dense["lm_head"]) / 2) / total)

@@ -111,11 +111,14 @@ class Timing:
 
 def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
                 settings: dict[float, Callable[[], None]], reps: int, device: torch.device,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> Timing:
+                wrap: Callable[[torch.nn.Module], torch.nn.Module],
+                reference: torch.nn.Module | None = None) -> Timing:
     """Timed in rounds after one warm-up round: median seconds of the reference and of each
     setting, and per setting the median over rounds of reference/method within the same round
-    (a pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
-    runner, dense = wrap(model), wrap(model.dense_reference())
+    (a pair timed seconds apart shares the machine's state, so drift between rounds cancels).
+    The reference is the method's dense one unless another model is given."""
+    runner = wrap(model)
+    dense = wrap(model.dense_reference() if reference is None else reference)
     reference: list[float] = []
     times: dict[float, list[float]] = {v: [] for v in settings}
     measurements: dict[float, Any] = {}
@@ -138,9 +141,12 @@ def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
 
 
 def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
-              device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
+              device: torch.device, log: Callable[[str], None] = print,
+              reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """Rows of {phase, batch, knob setting, tokens/s of reference and method, ideal and measured
-    speedup, what the method realised}."""
+    speedup, what the method realised}. `reference`: the model timed against, when not the
+    method's own dense reference (the leaderboard times every method against the backbone);
+    the ideal speedups are then against the dense backbone's FLOPs."""
     if model.knob is None:
         raise UserError(f"method {model.name!r} has no cost knob to bench")
     model.eval()
@@ -154,17 +160,19 @@ def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
                 x = text[:spec.prefill_batch, :spec.prefill_len]
                 log(f"prefill {tuple(x.shape)}{' compiled' if compiled else ''}")
                 timing = interleaved(model, lambda m, x=x: prefill(m, x), settings, spec.reps,
-                                     device, wrap)
+                                     device, wrap, reference)
                 rows += make_rows(model, "prefill", x.numel(), x.shape[0],
-                                  fl.causal_context(spec.prefill_len), timing, compiled)
+                                  fl.causal_context(spec.prefill_len), timing, compiled,
+                                  reference is not None)
                 for batch in spec.decode_batches:
                     log(f"decode batch {batch}{' compiled' if compiled else ''}")
                     prompt = text[:batch, :DECODE_PROMPT]
                     timing = interleaved(model, lambda m, p=prompt: decode_job(
-                        m, p, spec.decode_tokens), settings, spec.reps, device, wrap)
+                        m, p, spec.decode_tokens), settings, spec.reps, device, wrap,
+                        reference)
                     context = DECODE_PROMPT + (spec.decode_tokens + 1) / 2
                     rows += make_rows(model, "decode", batch * spec.decode_tokens, batch,
-                                      context, timing, compiled)
+                                      context, timing, compiled, reference is not None)
     finally:
         restore()
     return {"method": model.name, "knob": model.knob.name, "rows": rows,
@@ -174,8 +182,10 @@ def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
 
 
 def make_rows(model: Method, phase: str, tokens: int, batch: int, context: float,
-              timing: Timing, compiled: bool) -> list[dict[str, Any]]:
-    reference_flops = model.reference_flops_per_token(context)
+              timing: Timing, compiled: bool, against_backbone: bool = False,
+              ) -> list[dict[str, Any]]:
+    reference_flops = (model.dense_flops_per_token(context) if against_backbone
+                       else model.reference_flops_per_token(context))
     rows = []
     for value, seconds in timing.method_s.items():
         measurement, summary = timing.measurements[value]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -128,16 +128,30 @@ def evaluate_tasks(run: Path | str, tasks: list[str], include_path: Path | None 
 
 
 
+@dataclass
+class Decoded:
+    """What `decode_eval` measured: the mean next-token loss (nats); the FLOPs per token the
+    method realised as a fraction of its dense backbone's, over the whole model and over the
+    layer stack (the LM head, which no method removes, left out of both); those FLOPs by
+    component against the dense model (`Method.tally_breakdown`, as fractions of the dense
+    model's FLOPs per token); the method's summary; and
+    the per-token depth of every fed token, per batch of windows."""
+
+    loss: float
+    flops_fraction: float = 1.0
+    flops_fraction_stack: float = 1.0
+    breakdown: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    depth: list[torch.Tensor] = field(default_factory=list)
+
+
 @torch.no_grad()
 def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16, prompt: int = 1,
-                call: Call | None = None,
-                ) -> tuple[float, float, dict[str, Any], list[torch.Tensor]]:
+                call: Call | None = None) -> Decoded:
     """Held-out windows fed as generation feeds them: a prompt of `prompt` tokens, then one
-    token per cached forward. Returns the mean next-token loss (nats), the FLOPs per token the
-    method realised relative to its dense backbone, its measurement summary, and the per-token
-    depth of every fed token (when the method records one). This is the deployed setting, so
-    methods that adapt only while decoding are measured as they run. `call` gives an adaptive
-    model other instructions (a forced pattern)."""
+    token per cached forward (`Decoded` says what is measured). This is the deployed setting,
+    so methods that adapt only while decoding are measured as they run. `call` gives an
+    adaptive model other instructions (a forced pattern)."""
     total, count, depth = 0.0, 0, []
     T = windows.shape[1] - 1
     adaptive = isinstance(model, Method)
@@ -156,7 +170,11 @@ def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16, prompt:
             depth.append(torch.cat(parts, 1))
             parts.clear()
     if m is None:  # a dense model runs every layer on every token
-        return total / count, 1.0, {}, depth
+        return Decoded(total / count, depth=depth)
     context = fl.causal_context(T)
-    dense = sum(fl.forward_per_token(model.cfg, context).values())
-    return total / count, m.flops_per_token(context) / dense, m.summary(), depth
+    dense = fl.forward_per_token(model.cfg, context)
+    total_dense, head = sum(dense.values()), dense["lm_head"]
+    realised = m.flops_per_token(context)
+    parts = {k: v / total_dense for k, v in m.breakdown(context).items()}
+    return Decoded(total / count, realised / total_dense,
+                   (realised - head) / (total_dense - head), parts, m.summary(), depth)

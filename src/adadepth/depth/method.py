@@ -44,6 +44,24 @@ class Knob:
     low: float = 0.0  # the valid range, for a one-line error on bad input
     high: float = 1.0
     integer: bool = False
+    sweep: tuple[float, ...] = ()  # the leaderboard's frontier, when not evenly over the range
+
+    def frontier(self, trained: float | None, count: int = 5) -> list[float]:
+        """At least `count` settings from the cheapest end of the range to the one that
+        computes as much as the dense model (for a fraction: (0, 1] in `count` equal steps;
+        for a whole number: every value, or `count` spread ones), the trained one among them."""
+        if self.sweep:
+            values = list(self.sweep)
+        elif self.integer:
+            every = list(range(int(self.low) + 1, int(self.high) + 1))
+            step = max(1, len(every) // count)
+            values = sorted({float(v) for v in every[::step]} | {float(every[-1])})
+        else:
+            span = self.high - self.low
+            values = [round(self.low + span * (i + 1) / count, 6) for i in range(count)]
+        if trained is not None:
+            values.append(float(trained))
+        return sorted(set(values))
 
 
 @dataclass(frozen=True)
@@ -305,12 +323,23 @@ class Method(nn.Module):
         """The knob's present value (for a run benched at the setting it was left in)."""
         return None
 
+    def trained_range(self) -> tuple[float, float] | None:
+        """The knob values the method was trained for, where training depends on the value
+        (a budget, a capacity); None when any value is as trained as another (a threshold
+        calibrated after training, a static choice)."""
+        return None
+
     def current_setting(self) -> Callable[[], None]:
         """A call that puts the present knob setting back (bench restores it when done)."""
         return lambda: None
 
     def reference_flops_per_token(self, context: float) -> float:
         raise NotImplementedError
+
+    def depth_fraction(self, depth: float) -> float:
+        """The layer-stack compute a token of this depth received, as a fraction of the dense
+        stack's (one colour scale for every method); by default depth counts layers run."""
+        return depth / self.backbone.n_layers
 
     def most_token_depth(self) -> float:
         """The largest `token_depth` one token can receive (the top of the colour scale)."""

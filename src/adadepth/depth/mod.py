@@ -418,6 +418,9 @@ class MixtureOfDepths(Method):
                 router.rule.set(t, s)
         return apply
 
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.capacity, self.options.capacity)
+
     def current_knob_value(self) -> float | None:
         return self.capacity
 

@@ -415,6 +415,11 @@ class MixtureOfRecursions(Method):
     def most_token_depth(self) -> float:
         return float(self.n)
 
+    def depth_fraction(self, depth: float) -> float:
+        """The once-run layers and `depth` runs of the shared block, against the backbone's."""
+        return (len(self.prelude) + len(self.coda) + depth * len(self.block)) / (
+            self.backbone.n_layers)
+
     # -- causal thresholds (expert choice) and the knob ------------------------------------------
     @torch.no_grad()
     def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float | None]:
@@ -463,6 +468,13 @@ class MixtureOfRecursions(Method):
             else:
                 self.routers[0].tilt.fill_(tilt)
         return apply
+
+    def trained_range(self) -> tuple[float, float] | None:
+        """Expert choice trains at its capacity schedule (token choice has no knob)."""
+        if not self.expert:
+            return None
+        trained = sum(self.schedule) / self.n
+        return trained, trained
 
     def current_knob_value(self) -> float | None:
         return self.fraction

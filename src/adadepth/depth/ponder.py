@@ -131,7 +131,8 @@ class PonderModel(Method):
     """A backbone looped K times with gated pondering embeddings and token-wise halting."""
 
     name = "ponder"
-    knob = Knob("tau", (1e-4, 0.1, 0.3, 0.5), low=0.0, high=1.0)
+    knob = Knob("tau", (1e-4, 0.1, 0.3, 0.5), low=0.0, high=1.0,
+                sweep=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9))  # 0: every pass; near 1: one
     depth_unit = "passes"
 
     options: PonderConfig
@@ -374,6 +375,9 @@ class PonderModel(Method):
     def most_token_depth(self) -> float:
         return float(self.passes)
 
+    def depth_fraction(self, depth: float) -> float:
+        return depth  # every pass runs the whole stack
+
     @torch.no_grad()
     def eval_report(self, data, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
@@ -400,6 +404,9 @@ class PonderModel(Method):
         if not 0 <= value < 1:
             raise UserError(f"tau settings must lie in [0, 1), got {value:g}")
         return lambda: setattr(self, "tau", value)
+
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.tau, self.options.tau)
 
     def current_knob_value(self) -> float | None:
         return self.tau if self.options.halting == "learned" else None

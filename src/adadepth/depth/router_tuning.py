@@ -420,6 +420,16 @@ class RouterTuning(Method):
                 router.rule.set(t, s)
         return apply
 
+    def depth_fraction(self, depth: float) -> float:
+        """A token that ran `depth` attention sub-blocks skipped the others (its FFNs all ran)."""
+        dense = fl.forward_per_token(self.cfg, 1.0)
+        stack = dense["attn_proj"] + dense["attn_scores"] + dense["ffn"]
+        attention = (dense["attn_proj"] + dense["attn_scores"]) / self.cfg.n_layers
+        return 1 - (self.backbone.n_layers - depth) * attention / stack
+
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.capacity, self.options.capacity)
+
     def current_knob_value(self) -> float | None:
         return self.capacity
 

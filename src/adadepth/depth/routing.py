@@ -542,6 +542,15 @@ class RoutedModel(Method):
     def most_token_depth(self) -> float:
         return float(len(self.routers))
 
+    def depth_fraction(self, depth: float) -> float:
+        """A token full at `depth` controlled layers skipped the full FFN at the others and ran
+        a cheap path there (gates left out: they are the same for every token)."""
+        dense = fl.forward_per_token(self.cfg, 1.0)
+        stack = dense["attn_proj"] + dense["attn_scores"] + dense["ffn"]
+        ffn = dense["ffn"] / self.cfg.n_layers
+        cheap = sum(fl.module_flops(r.cheap) for r in self.routers) / len(self.routers)
+        return 1 - (len(self.routers) - depth) * (ffn - cheap) / stack
+
     def inference_flops_per_token(self, context: float, fractions: list[float],
                                   budget: float | None = None,
                                   gates_run: list[float] | None = None) -> float:
@@ -585,6 +594,9 @@ class RoutedModel(Method):
             for r, t, s in zip(self.routers, thresholds, spreads, strict=True):
                 r.rule.set(t, s)
         return apply
+
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.budget, self.options.budget)
 
     def current_knob_value(self) -> float | None:
         return self.budget

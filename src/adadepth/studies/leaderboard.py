@@ -1,14 +1,16 @@
-"""The leaderboard: every adaptive-depth method on one backbone, one corpus, one tokenizer, at
-matched FLOPs, on quality and on measured speed.
+"""The leaderboard: every adaptive-depth method on one backbone, one corpus, one tokenizer,
+measured where it was trained and along its knob, on quality and on measured speed.
 
-Every method is trained (or calibrated) on the same pretrained backbone by its own command, from
-one entry in `ENTRIES` — adding a method is adding an entry. Each run is then set, through its
-cost knob, to reach each FLOPs budget (a fraction of the dense backbone's inference FLOPs per
-token) *as realised* on held-out text fed as generation feeds it (`eval.decode_eval`), measured
-there for validation loss, and timed by the one bench against the dense model. Entries that do
-not trade quality for FLOPs (the late-layer ensemble adds compute; speculative decoding keeps the
-full model's output) get one row at their own setting. Every finished run and every evaluated
-setting is kept on disk, so a re-run resumes and a finished leaderboard re-renders unchanged.
+Every method is trained (or calibrated) on the same pretrained backbone by `adadepth fit`, from
+one entry in `ENTRIES` — adding a method is adding an entry. Each run is then measured at its
+trained setting and along its knob from its cheapest setting to its dense-equivalent one (its
+frontier, `leaderboard_eval`): validation loss and realised FLOPs on held-out text fed as
+generation feeds it, and speed timed against the dense backbone in one process. The report reads
+from each frontier the speed a method reaches without losing more than 1, 2 or 5 % of the dense
+model's quality (`protocol.at_quality`). Entries that do not trade quality for compute (the
+late-layer ensemble adds some; speculative decoding keeps the full model's output) get their
+own setting only. Every finished run and every measured point is kept on disk, so a re-run
+resumes and a finished leaderboard re-renders unchanged.
 """
 
 from __future__ import annotations
@@ -21,45 +23,53 @@ from typing import Any
 from adadepth.errors import UserError
 from adadepth.studies import leaderboard_report, shape
 from adadepth.studies.backbone import backbone_dir
-from adadepth.studies.leaderboard_eval import (
-    BUDGETED,
-    FLOOR,
-    OWN,
-    dense_row,
-    evaluate_entry,
-)
+from adadepth.studies.leaderboard_eval import FLOOR, FRONTIER, OWN, dense_row, evaluate_entry
 from adadepth.studies.recipes import RECIPES as BACKBONES
 from adadepth.studies.runner import cached, job_defaults, progress
 from adadepth.studies.shape import Arm, Recipe, Study, merge, recipe_of, run_of
 from adadepth.train.loop import resolve_device
 
 
-def routing(name: str, gate: str, aux: list[str], about: str, group: str = BUDGETED) -> Arm:
-    return Arm(name, "fit", {"method": "routing", "routing": {"gate": gate, "aux": aux}}, group,
-               about)
+def routing(name: str, gate: str, aux: list[str], about: str, group: str = FRONTIER,
+            **options: Any) -> Arm:
+    return Arm(name, "fit", {"method": "routing",
+                             "routing": {"gate": gate, "aux": aux, **options}}, group, about)
 
 
 # Each entry is trained on the shared backbone by `adadepth fit` with its config, as the YAML
-# of that command would hold it. Its group says how it is
-# set: searched to each FLOPs budget (BUDGETED), or one row at its own setting (OWN: it does not
-# trade quality for FLOPs).
+# of that command would hold it. Its group says how it is measured: along its knob (FRONTIER),
+# or at its own setting only (OWN: it does not trade quality for compute).
 ENTRIES: list[Arm] = [
     routing("routing-g1", "g1", ["util", "rank"],
             "conditional depth routing, MLP gate, the paper's util + rank recipe"),
     routing("routing-g3", "g3", ["util", "rank", "jepa"],
             "conditional depth routing, JEPA-guided gate, util + rank + jepa"),
+    routing("routing-g1-cheap-all", "g1", ["util", "rank"],
+            "G1 as above, its cheap paths also trained to imitate the full FFN on every token "
+            "(routing.cheap_training=all), so they serve budgets other than the trained one",
+            cheap_training="all"),
     routing("random-routing", "random", [],
             "routing with random decisions at the same budget (its cheap paths train)"),
-    Arm("mod", "fit", {"method": "mod", "mod": {"capacity": 0.5}}, BUDGETED,
+    Arm("mod", "fit", {"method": "mod", "mod": {"capacity": 0.5}}, FRONTIER,
         "Mixture-of-Depths: every other block runs on the top-C tokens (trained at C "
         "0.5, backbone and routers jointly), causal predictor"),
-    Arm("static-skip", "fit", {"method": "static-skip"}, BUDGETED,
+    Arm("mor", "fit", {"method": "mor", "mor": {"block": "stepwise", "recursions": 2,
+                                               "update": "residual", "router_func": "none",
+                                               "alpha": 1.0}}, FRONTIER,
+        "Mixture-of-Recursions: the paper's Middle-Cycle at the backbone's depth, "
+        "expert-choice routing trained jointly, the router deciding causally with calibrated "
+        "thresholds; the knob is the mean recursions (depth_fraction)"),
+    Arm("router-tuning", "fit", {"method": "router-tuning", "router-tuning": {"capacity": 0.5}},
+        FRONTIER, "Router-Tuning (MindSkip): routers trained alone on the frozen backbone let "
+        "tokens skip the attention of the deeper half of the layers (trained at capacity 0.5), "
+        "calibrated causal thresholds; the knob is the capacity"),
+    Arm("static-skip", "fit", {"method": "static-skip"}, FRONTIER,
         "static layer skipping: the layers of least influence dropped for every token"),
-    Arm("calm", "fit", {"method": "calm"}, BUDGETED,
+    Arm("calm", "fit", {"method": "calm"}, FRONTIER,
         "CALM early exit: per-layer weighted loss, softmax confidence, states copied "
         "upward; the knob is the confidence threshold"),
     Arm("layerskip-exit", "fit", {"method": "layerskip",
-                                  "layerskip": {"decoding": "early_exit"}}, BUDGETED,
+                                  "layerskip": {"decoding": "early_exit"}}, FRONTIER,
         "LayerSkip trained with layer dropout and early-exit loss, decoding from the "
         "first E blocks (the knob is E)"),
     Arm("layerskip-spec", "fit", {"method": "layerskip"}, OWN,
@@ -79,10 +89,12 @@ ENTRIES: list[Arm] = [
 # The floor of the loss gap: every controlled layer on its (trained) cheap path.
 FLOOR_ENTRY = routing("all-cheap", "all-cheap", [],
                       "every controlled layer cheap: the floor of the loss gap", FLOOR)
-# What an entry's speedups are measured against, where it is not the dense backbone.
+# Every speed is measured against the dense backbone; where a method's own reference differs,
+# the report says what that reference would be.
 SPEED_REFERENCES = {
-    "ponder": "PonderLM, the same weights running all 4 passes (the bench's dense reference "
-              "for a looped model); against the one-pass backbone it is slower"}
+    "ponder": "its own dense reference would be PonderLM (the same weights running all 4 "
+              "passes); against the one-pass backbone, as here, it is slower by design",
+    "mor": "its own dense reference would run every recursion; against the backbone, as here"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,8 @@ class Preset(Recipe):
     window_len: int
     decode_tokens: int
     reps: int
-    budgets: tuple[float, ...] = (0.5, 0.75)
+    budgets: tuple[float, ...] = (0.5, 0.75)  # fixed-FLOPs cells: the nearest measured point
+    frontier: int = 5  # settings along each knob, besides the trained one
     overrides: list[str] = field(default_factory=list)
 
 
@@ -184,30 +197,33 @@ class Leaderboard(Study):
         return runs
 
     def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
-        rows: list[dict[str, Any]] = []
+        from adadepth.runs import load_run
+
+        reference = load_run(self.backbone, str(self.device)).model  # what speed is against
+        entries: list[dict[str, Any]] = []
         for run, metrics in progress(finished, "leaderboard (evaluations)",
                                      self.options.show_progress):
-            figures = {k: metrics.get(k) for k in ("training_flops", "wall_s",
-                                                   "trainable_parameters", "steps")}
-            for row in evaluate_entry(run.arm, run.folder, self.recipe, self.budgets,
-                                      self.device, out / "evals"):
-                rows.append({**row, "seed": run.seed, "run": run.name, **figures})
+            measured = evaluate_entry(run.arm, run.folder, self.recipe, self.device,
+                                      out / "evals", reference)
+            entries.append({**measured, "group": run.arm.group, "seed": run.seed,
+                            "run": run.name, **{k: metrics.get(k) for k in (
+                                "training_flops", "wall_s", "trainable_parameters", "steps")}})
         dense = cached(out / "evals" / "dense.json",
                        lambda: dense_row(self.backbone, self.recipe, self.device))
         bb = BACKBONES[self.recipe.backbone]
         backbone_eval = json.loads((self.backbone / "eval.json").read_text())
         return {"preset": self.options.preset, "seeds": self.options.seeds,
-                "budgets": self.budgets,
+                "budgets": self.budgets, "frontier_settings": self.recipe.frontier,
                 "backbone": {"preset": self.recipe.backbone, "steps": bb.backbone_steps,
                              "corpus": bb.corpus, "tokenizer": bb.tokenizer,
                              "val_loss": backbone_eval.get("val_loss")},
-                "entries": {e.name: e.about for e in [*self.entries, FLOOR_ENTRY]},
+                "about": {e.name: e.about for e in [*self.entries, FLOOR_ENTRY]},
                 "speed_references": {e.name: SPEED_REFERENCES[e.name] for e in self.entries
                                      if e.name in SPEED_REFERENCES},
-                "dense": dense, "rows": rows}
+                "dense": dense, "runs": entries}
 
     def report(self, results: dict[str, Any], out: Path) -> None:
         leaderboard_report.write(results, out)
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:
-        return {"rows": len(results["rows"])}
+        return {"runs": len(results["runs"])}
