@@ -6,11 +6,17 @@ import pytest
 
 from adadepth.studies.protocol import (
     CONTRADICTED,
+    JOINT,
     NOISE,
     REPRODUCED,
+    RULE,
     Point,
     at_quality,
+    figures,
+    joint,
+    judged,
     margin,
+    stated,
     verdict,
 )
 
@@ -42,3 +48,15 @@ def test_speed_at_quality_from_a_hand_made_frontier() -> None:
     assert at_quality(frontier[:2], dense, 0.01).how == "not reached"  # no point within
     # within the bound everywhere: the fastest point, measured, never extrapolated
     assert at_quality(frontier, dense, 0.5).speed == pytest.approx(2.0)
+
+
+def test_a_finding_of_several_parts_and_its_figures() -> None:
+    assert joint([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert joint([REPRODUCED, NOISE]) == NOISE  # every part must be reproduced
+    assert joint([REPRODUCED, CONTRADICTED]) == CONTRADICTED  # one false part is enough
+    assert joint([]) == NOISE
+    assert figures([0.0004, 0.0006, 0.0066], unit=" nats") == (
+        "+0.0004, +0.0006, +0.0066 nats (mean +0.0025 ± 0.0020 SE)")
+    assert figures([0.5]) == "+0.5000 (one seed)" and figures([None]) == "no seed"
+    assert judged([0.010, 0.012, 0.011]).endswith(": **reproduced**")
+    assert RULE in stated() and JOINT in stated()

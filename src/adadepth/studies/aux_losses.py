@@ -3,7 +3,10 @@
 Pretrains (or reuses) a backbone for the preset, then trains routing controllers on it: G1 and
 G3 under the standard recipe (util + rank, plus jepa for G3) and under A3 (no util, no rank),
 the baselines random / all-full / all-cheap at the same budget, and with `--ablations` A1 (G3
-without jepa), A4 (lambda_jepa sweep), the 25% budget and the on-policy oracle.
+without jepa), A4 (lambda_jepa sweep), the 25% budget and the on-policy oracle. Once a learned
+arm and all-cheap of a seed are done, random routing is also trained at the budget whose
+realised inference FLOPs equal the learned arm's (`random@ARM`, equal_flops.py): a learned gate
+costs FLOPs of its own, random gates none.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adadepth.studies import aux_losses_report, scales, shape
+from adadepth.studies import aux_losses_report, equal_flops, scales, shape
 from adadepth.studies.backbone import backbone_dir
 from adadepth.studies.recipes import Recipe, recipe_for
 from adadepth.studies.shape import Arm, Study, run_of
@@ -54,6 +57,28 @@ def arms_of(ablations: bool) -> list[Arm]:
     return MAIN + BASELINES + (ABLATIONS if ablations else [])
 
 
+# The learned arms random routing is matched to in inference FLOPs: the four main ones and the
+# 25 % budget. The A1 / A4 / on-policy ablations change neither the gate nor the budget, so
+# their FLOPs are those of G1 or G3, and the report reads random routing there from these.
+MATCHED = ("G1", "G3", "G1-A3", "G3-A3", "G1-b0.25", "G3-b0.25")
+
+
+def matched_arms(seed_done: dict[str, shape.Metrics], names: list[str]) -> list[Arm]:
+    """Random routing at the budget whose realised inference FLOPs equal each finished learned
+    arm's of MATCHED (by name, of one seed, with all-cheap's), where such a budget exists."""
+    cheap = seed_done.get("all-cheap")
+    if cheap is None:
+        return []
+    out = []
+    for name in (n for n in MATCHED if n in names and n in seed_done):
+        budget = equal_flops.matched_budget(seed_done[name]["flops_ratio_inference"],
+                                            cheap["flops_ratio_inference"])
+        if budget is not None:
+            # Four decimals: the FLOPs then match to within 1e-4 of the all-cheap saving.
+            out.append(arm(f"random@{name}", "random", (), "matched", budget=round(budget, 4)))
+    return out
+
+
 def base_config(recipe: Recipe, backbone: Path, device: str) -> dict[str, Any]:
     """The `fit` config every arm of the recipe shares."""
     steps = recipe.controller_steps
@@ -84,6 +109,21 @@ def backbone_summary(recipe: Recipe, preset_name: str, path: Path) -> dict[str, 
             "d_model": shape.get("d_model"), "val_loss": evaluated.get("val_loss")}
 
 
+def routing_costs(finished: shape.Finished) -> dict[str, Any] | None:
+    """The FLOPs of one controlled layer's FFN, cheap path and each learned gate, read from
+    the first finished run of each learned gate as it was trained (equal_flops.layer_costs)."""
+    from adadepth.runs import load_run
+
+    first: dict[str, Path] = {}
+    for run, metrics in finished:
+        if metrics.get("gate") not in (*equal_flops.RANDOM_FAMILY, None):
+            first.setdefault(metrics["gate"], run.folder)
+    if not first:
+        return None
+    return equal_flops.costs_of({g: load_run(f).model for g, f in first.items()},
+                                "read from the trained runs")
+
+
 class AuxLosses(Study):
     name = "aux-losses"
     takes = frozenset({"steps", "ablations", "corpus", "compare"})
@@ -106,14 +146,24 @@ class AuxLosses(Study):
 
     def plan(self, out: Path, done: shape.Done) -> list[shape.Run]:
         base = base_config(self.recipe, self.backbone, self.options.device)
-        return [run_of(a, seed, out / "runs", base) for seed in range(self.options.seeds)
-                for a in arms_of(self.options.ablations)]
+        arms = arms_of(self.options.ablations)
+        runs = [run_of(a, seed, out / "runs", base) for seed in range(self.options.seeds)
+                for a in arms]
+        # Random routing matched to each learned arm's FLOPs waits for that arm (its realised
+        # FLOPs) and for all-cheap of the same seed.
+        for seed in range(self.options.seeds):
+            seed_done = {r.arm.name: done[r.folder] for r in runs
+                         if r.seed == seed and r.folder in done}
+            runs += [run_of(a, seed, out / "runs", base)
+                     for a in matched_arms(seed_done, [a.name for a in arms])]
+        return runs
 
     def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
         o = self.options
         return {"preset": o.preset, "seeds": o.seeds, "steps": self.recipe.controller_steps,
                 "ablations": o.ablations, "recipe": self.record(),
                 "backbone": backbone_summary(self.recipe, o.preset, self.backbone),
+                "costs": routing_costs(finished),
                 "runs": [{**m, "arm": r.arm.name, "group": r.arm.group} for r, m in finished]}
 
     def read(self, out: Path) -> dict[str, Any]:

@@ -50,22 +50,47 @@ def arm_mean(arms: Arms, arm: str, key: str) -> float | None:
     return mean([r[key] for r in arms.get(arm, []) if r.get(key) is not None])
 
 
+def paired(arms: Arms, a: str, b: str, key: str, lower: bool = True) -> dict[int, float]:
+    """Per seed where both ran, how much arm a beats arm b on key (b - a where lower is better,
+    a - b where higher is): > 0 where a is better, the orientation `protocol.verdict` reads."""
+    theirs = {r["seed"]: r[key] for r in arms.get(b, [])}
+    return {r["seed"]: (theirs[r["seed"]] - r[key]) * (1 if lower else -1)
+            for r in arms.get(a, []) if r["seed"] in theirs}
+
+
+def in_order(per_seed: dict[int, float]) -> list[float]:
+    """Per-seed values in seed order (what protocol.verdict and protocol.figures read)."""
+    return [per_seed[s] for s in sorted(per_seed)]
+
+
 def head_to_head(arms: Arms, a: str, b: str, key: str, lower: bool = True
                  ) -> tuple[int, int] | None:
-    """Seeds where arm a beats arm b on key (paired by seed)."""
+    """Seeds where arm a beats arm b on key (paired by seed), of those where both ran."""
     if a not in arms or b not in arms:
         return None
-    theirs = {r["seed"]: r[key] for r in arms[b]}
-    pairs = [(r[key], theirs[r["seed"]]) for r in arms[a] if r["seed"] in theirs]
-    return sum((x < y) if lower else (x > y) for x, y in pairs), len(pairs)
+    diffs = paired(arms, a, b, key, lower)
+    return sum(d > 0 for d in diffs.values()), len(diffs)
 
 
 def count(h: tuple[int, int] | None) -> str:
     return "n/a" if h is None else f"{h[0]}/{h[1]} seeds"
 
 
-def share(h: tuple[int, int]) -> float:
-    return h[0] / h[1] if h[1] else 0.0
+def read_along(points: list[tuple[float, float]], x: float, tolerance: float
+               ) -> tuple[float, str] | None:
+    """y at x along measured (x, y) points: the nearest point's y where it lies within
+    `tolerance` of x ("measured"); else linearly interpolated between the two consecutive points
+    (by x) that bracket x ("interpolated"); None outside the points (never extrapolated)."""
+    if not points:
+        return None
+    nearest = min(points, key=lambda p: abs(p[0] - x))
+    if abs(nearest[0] - x) <= tolerance:
+        return nearest[1], "measured"
+    ordered = sorted(points)
+    for (x0, y0), (x1, y1) in zip(ordered, ordered[1:], strict=False):
+        if x0 < x < x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0), "interpolated"
+    return None
 
 
 def ema(values: list[float], alpha: float) -> list[float]:
