@@ -8,7 +8,8 @@ pretrained `tiny` backbone, each set to 50 % and 75 % of the dense model's infer
    (2000 steps, char-level tiny-shakespeare);
 2. each recipe below trained on it with `adadepth fit` (`--steps` steps, batch 12), static
    skipping calibrated;
-3. each run's knob searched, as the leaderboard does it (`adadepth.studies.leaderboard.search`),
+3. each run's knob searched, as the leaderboard does it
+   (`adadepth.studies.leaderboard_eval.search`),
    for the setting whose FLOPs, realised on held-out windows fed one token at a time, come
    nearest each budget; the validation loss there, and the dense backbone's on the same text.
 """
@@ -25,7 +26,7 @@ from adadepth.cli import run_or_exit as run
 from adadepth.data import load_corpus, prepare_tokens
 from adadepth.eval import decode_eval
 from adadepth.runs import load_run
-from adadepth.studies.leaderboard import heldout, search
+from adadepth.studies.leaderboard_eval import heldout, search
 
 RECIPES = {  # name: the method's options
     "mod every other, C 0.5, joint": ["mod.capacity=0.5"],
@@ -55,7 +56,7 @@ def main() -> None:
     data = prepare_tokens(load_corpus(d["corpus"], val_fraction=d.get("val_fraction", 0.1)),
                           loaded.tokenizer)
     calibration, held_out = heldout(data, WINDOWS, LENGTH)
-    dense_loss = decode_eval(loaded.model, held_out)[0]
+    dense_loss = decode_eval(loaded.model, held_out).loss
     rows = [{"recipe": "dense backbone", "budget": 1.0, "flops": 1.0, "val_loss": dense_loss}]
     for i, (name, options) in enumerate(RECIPES.items()):
         run_dir = out / f"recipe-{i}"

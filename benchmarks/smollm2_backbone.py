@@ -20,18 +20,16 @@ from pathlib import Path
 
 import torch
 
-from adadepth.config import DataConfig, TrainConfig, validate
-from adadepth.depth.routing import RoutingConfig
 from adadepth.eval import evaluate_run
 from adadepth.hf import backbones
-from adadepth.jobs.route import RouteConfig, route
+from adadepth.jobs.fit import fit, fit_config
 from adadepth.runs import load_transformers
 from adadepth.train import checkpoint as ck
 
 RECIPES = {  # name -> routing options
     "lm only (aux none)": {"aux": []},
     "util+rank, 1 labelled layer/step": {"aux": ["util", "rank"], "oracle_layers": 1},
-    "util+rank, all 28 layers labelled (default)": {"aux": ["util", "rank"]},
+    "util+rank, all 28 layers labelled": {"aux": ["util", "rank"], "oracle_layers": 0},
 }
 BATCH, BLOCK = 4, 128
 
@@ -64,7 +62,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ev = evaluate_run(folder, corpus="tiny-shakespeare", block_size=256, batch_size=8,
-                      max_batches=args.eval_batches, device="cpu")
+                      max_batches=args.eval_batches, device="cpu", out=out / "eval")
     result["eval"] = {k: ev[k] for k in ("val_loss", "perplexity", "bits_per_token",
                                          "tokens_evaluated")}
     result["eval"]["wall_s"] = time.perf_counter() - t0
@@ -72,13 +70,13 @@ def main() -> None:
     result["route"] = {}
     for name, options in RECIPES.items():
         run = out / ("route-" + "".join(c if c.isalnum() else "-" for c in name))
-        cfg = RouteConfig(
-            backbone="smollm2-135m", routing=validate(RoutingConfig, options),
-            data=DataConfig(corpus="tiny-shakespeare", block_size=BLOCK),
-            train=TrainConfig(steps=args.steps, batch_size=BATCH, eval_batches=2,
-                              eval_interval=10_000, ckpt_interval=10_000, device="cpu"))
+        cfg = fit_config({
+            "method": "routing", "backbone": "smollm2-135m", "routing": options,
+            "data": {"corpus": "tiny-shakespeare", "block_size": BLOCK},
+            "train": {"steps": args.steps, "batch_size": BATCH, "eval_batches": 2,
+                      "eval_interval": 10_000, "ckpt_interval": 10_000, "device": "cpu"}})
         t0 = time.perf_counter()
-        metrics = route(cfg, run, show_progress=False)
+        metrics = fit(cfg, run, show_progress=False)
         times = step_times(run)
         result["route"][name] = {
             "step_s_median": statistics.median(times[1:] or times), "step_s_all": times,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -30,9 +31,10 @@ import torch
 
 from adadepth.config import PretrainConfig, apply_overrides, preset
 from adadepth.jobs.pretrain import pretrain
-from adadepth.jobs.route import route
-from adadepth.studies.aux_losses import Arm, arms_of, run_config
+from adadepth.studies.aux_losses import arms_of, base_config
 from adadepth.studies.recipes import Recipe, recipe_for
+from adadepth.studies.runner import launch
+from adadepth.studies.shape import Arm, run_of
 from adadepth.train import loop
 
 
@@ -76,8 +78,10 @@ def pretrain_job(recipe: Recipe, preset_name: str, steps: int, out: Path) -> Cal
     return lambda: pretrain(cfg, out, show_progress=False)
 
 
-def cost_key(arm: Arm) -> tuple:
-    return arm.gate, arm.aux, arm.budget, arm.oracle
+def cost_key(arm: Arm) -> str:
+    """What a run's cost depends on: everything but lambda_jepa (a weight, not work)."""
+    routing = {k: v for k, v in arm.config["routing"].items() if k != "lambda_jepa"}
+    return json.dumps(routing, sort_keys=True)
 
 
 def main() -> None:
@@ -108,13 +112,13 @@ def main() -> None:
     total = fixed + step * recipe.backbone_steps
     print(f"{'backbone':<14} {step:8.3f} s/step {fixed:6.1f} s fixed  "
           f"x{recipe.backbone_steps:5d} steps -> {total:7.0f} s")
-    seen: dict[tuple, tuple[float, float]] = {}
+    seen: dict[str, tuple[float, float]] = {}
     for arm in arms_of(args.ablations):
         if cost_key(arm) not in seen:
             probe = dataclasses.replace(recipe, controller_steps=n)
-            cfg = run_config(arm, 0, out / "bb", probe, "cpu")
-            seen[cost_key(arm)] = cost(lambda cfg=cfg, folder=out / arm.name: route(
-                cfg, folder, show_progress=False))
+            run = run_of(arm, 0, out, base_config(probe, out / "bb", "cpu"))
+            seen[cost_key(arm)] = cost(lambda run=run: launch(run.arm.job, run.config,
+                                                              run.folder))
         step, fixed = seen[cost_key(arm)]
         run = fixed + step * recipe.controller_steps
         total += args.seeds * run

@@ -3,12 +3,14 @@
 A *decision reader* runs the model on token ids (optionally into a cache, from a position) and
 returns what it decided for each token, (B, T, ...): routing's full/cheap masks, Mixture-of-
 Depths' run/skip masks, an early exit's exit layer. `method_decisions` reads any method through
-`Method.token_depth()`; a method with richer records passes its own reader.
+the per-token depth its forward reports (`Call(depth=...)`); a method with richer records passes
+its own reader.
 
 - `assert_causal`: changing the tokens from some position on never changes a decision before it
   (decisions may depend on earlier tokens only, as decoding requires);
 - `assert_cached_decisions_match`: decoding with the KV cache (a prefill, then one token at a
   time) decides exactly as one forward over the whole text;
+- `assert_decodable`: both of the above (`fed_in_steps` feeds a model so);
 - `assert_round_trip`: `save_pretrained` then `from_pretrained` gives back exactly the model.
 """
 
@@ -16,25 +18,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import adadepth
+from adadepth.depth.dispatch import Call
 
 # (token ids (B, T), cache or None, start position) -> decisions (B, T, ...)
 Decide = Callable[..., Tensor]
 
 
-def method_decisions(model: nn.Module) -> Decide:
-    """Per-token decisions of any method: the compute each token received (`token_depth`)."""
+def method_decisions(model: nn.Module, **call) -> Decide:
+    """Per-token decisions of any method: the compute each token received (its depth)."""
 
     def decide(idx: Tensor, cache=None, start: int = 0) -> Tensor:
+        depth: list[Tensor] = []
         with torch.no_grad():
-            model(idx, cache, start)
-        depth = model.token_depth()
-        assert depth is not None, f"{type(model).__name__} recorded no per-token depth"
-        return depth.clone()
+            model(idx, cache, start, call=Call(depth=depth, **call))
+        assert depth, f"{type(model).__name__} recorded no per-token depth"
+        return depth[-1]
 
     return decide
 
@@ -77,6 +81,26 @@ def assert_cached_decisions_match(model: nn.Module, decide: Decide, tokens: Tens
     steps += [decide(tokens[:, t:t + 1], cache, t) for t in range(prefill, T)]
     cached = torch.cat(steps, 1)
     assert torch.equal(cached, full), "cached decoding decided otherwise than the full forward"
+
+
+def fed_in_steps(model: nn.Module, tokens: Tensor, prefill: int) -> tuple[Tensor, Any]:
+    """Feed `tokens` as decoding does: a prefill of `prefill` tokens into a fresh cache, then
+    one token per call. Returns the logits of every position and the cache."""
+    B, T = tokens.shape
+    cache = model.new_cache(B, T)
+    with torch.no_grad():
+        steps = [model(tokens[:, :prefill], cache, 0).logits]
+        steps += [model(tokens[:, t:t + 1], cache, t).logits for t in range(prefill, T)]
+    return torch.cat(steps, 1), cache
+
+
+def assert_decodable(model: nn.Module, decide: Decide, tokens: Tensor, vocab: int,
+                     cuts: Iterable[int], prefill: int) -> None:
+    """Both checks a decoding method must pass: decisions causal at every cut, and the same
+    under cached decoding (a prefill of `prefill` tokens, then one at a time)."""
+    for cut in cuts:
+        assert_causal(decide, tokens, vocab, cut)
+    assert_cached_decisions_match(model, decide, tokens, prefill)
 
 
 def assert_round_trip(model: nn.Module, idx: Tensor, folder: Path) -> nn.Module:

@@ -57,3 +57,25 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory, chars: int) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "plays.txt"
     path.write_text(tiny_shakespeare_text()[:chars])
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path) -> Path:
+    """A tiny random Llama saved as a transformers directory with the GPT-2 tokenizer.
+
+    Treat it as read-only, as a user's model folder is.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adadepth.data import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer("gpt2", None).hf
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

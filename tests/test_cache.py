@@ -281,3 +281,39 @@ def test_carry_copies_kv_between_sets() -> None:
                 assert torch.equal(cache.k[bb.n_layers][b, :, j], cache.k[0][b, :, j])
                 assert cache.valid[bb.n_layers, b, j]
         assert int(cache.valid[bb.n_layers].sum()) == 4
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_attention_then_ffn_is_the_layer(name: str) -> None:
+    """`run_ffn(run_attention(x))` is `run_layer(x)` to the bit: on every token, on a ragged
+    subset, and decoding into a cache (the K/V written are the layer's). GPT-2 and GPT-NeoX
+    layers are not split: a one-line UserError."""
+    from adadepth.errors import UserError
+
+    bb = backbone(name)
+    idx = tokens(2, 9)
+    with torch.no_grad():
+        x, ctx = bb.prepare(idx)
+        if name in ("gpt2", "gpt_neox"):
+            with pytest.raises(UserError, match="not split"):
+                bb.run_attention(0, x, ctx)
+            return
+        for layer in range(bb.n_layers):
+            assert torch.equal(bb.run_ffn(layer, bb.run_attention(layer, x, ctx), ctx),
+                               bb.run_layer(layer, x, ctx))
+        index = torch.tensor([[0, 2, 5, 8], [1, 3, 4, 4]])
+        pad = torch.tensor([[False] * 4, [False, False, False, True]])
+        sub, sctx = gather_rows(x, index), ctx.select(index=index, pad=pad)
+        assert torch.equal(bb.run_ffn(1, bb.run_attention(1, sub, sctx), sctx),
+                           bb.run_layer(1, sub, sctx))
+        caches = [bb.new_cache(2, 9), bb.new_cache(2, 9)]
+        for t in range(9):
+            steps = []
+            for split, cache in zip((False, True), caches, strict=True):
+                h, c = bb.prepare(idx[:, t:t + 1], cache, t)
+                for layer in range(bb.n_layers):
+                    h = (bb.run_ffn(layer, bb.run_attention(layer, h, c), c) if split
+                         else bb.run_layer(layer, h, c))
+                steps.append(h)
+            assert torch.equal(*steps)
+        assert all(torch.equal(a, b) for a, b in zip(caches[0].k, caches[1].k, strict=True))

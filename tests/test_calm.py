@@ -18,7 +18,7 @@ from torch import Tensor
 import adadepth
 from adadepth.cli import main
 from adadepth.depth.calm import CalmConfig, CalmModel, binomial_cdf, hoeffding_bentkus
-from adadepth.depth.exits import Subset
+from adadepth.depth.dispatch import Call, Subset
 from adadepth.errors import UserError
 from adadepth.generate import generate
 from adadepth.runs import load_run
@@ -71,6 +71,13 @@ def reference_exits(model: CalmModel, idx: Tensor, exit_at: Tensor) -> Tensor:
     return logits.unsqueeze(-2).gather(0, index).squeeze(0).squeeze(-2)
 
 
+def run(model: CalmModel, idx: Tensor, cache=None, start: int = 0) -> tuple[Tensor, Tensor]:
+    """Logits of a forward and the layers each token ran before exiting."""
+    depth: list[Tensor] = []
+    logits = model(idx, cache, start, call=Call(depth=depth)).logits
+    return logits, depth[-1].long()
+
+
 def close(a: Tensor, b: Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
@@ -80,9 +87,9 @@ def test_a_threshold_that_never_exits_is_the_dense_model(name: str) -> None:
     bb = backbone(name)
     model = CalmModel(bb, CalmConfig(threshold=1.0)).eval()
     idx = tokens(2, 9)
+    runner, m = model.measured()
     with torch.no_grad():
-        with model.measure() as m:
-            got = model(idx).logits
+        got = runner(idx).logits
         assert torch.equal(got, bb(idx).logits)
         assert torch.equal(generate(model, idx[:, :3], 6, temperature=0.0),
                            generate(bb, idx[:, :3], 6, temperature=0.0))
@@ -108,14 +115,15 @@ def test_cached_generation_with_copied_states_equals_recomputation(name: str) ->
     idx = tokens(B, T, seed=3)
     with torch.no_grad():
         expected = reference_exits(model, idx, plan)
-        scored = model(idx)
-        close(scored.logits, expected)
-        assert torch.equal(model.last_depth, plan + 1)
+        scored, depth = run(model, idx)
+        close(scored, expected)
+        assert torch.equal(depth, plan + 1)
         cache = model.new_cache(B, T)
         steps = [model(idx[:, :P], cache, 0).logits]
         for t in range(P, T):
-            steps.append(model(idx[:, t:t + 1], cache, t).logits)
-            assert torch.equal(model.last_depth[:, 0], plan[:, t] + 1)
+            logits, depth = run(model, idx[:, t:t + 1], cache, t)
+            steps.append(logits)
+            assert torch.equal(depth[:, 0], plan[:, t] + 1)
         close(torch.cat(steps, 1), expected)
 
 
@@ -127,15 +135,14 @@ def test_exits_from_real_confidences_decode_as_they_score() -> None:
     with torch.no_grad():
         out = generate(model, tokens(3, 4), 12, temperature=0.0)
         cache = model.new_cache(3, 16)
-        logits = [model(out[:, :4], cache, 0).logits]
-        depths = [model.last_depth]
+        steps = [run(model, out[:, :4], cache, 0)]
         for t in range(4, 16):
-            logits.append(model(out[:, t:t + 1], cache, t).logits)
-            depths.append(model.last_depth)
-        scored = model(out)
-    assert len(torch.cat(depths, 1).unique()) >= 3  # tokens exit at several layers
-    assert torch.equal(torch.cat(depths, 1), model.last_depth)
-    close(torch.cat(logits, 1), scored.logits)
+            steps.append(run(model, out[:, t:t + 1], cache, t))
+        scored, scored_depth = run(model, out)
+    depths = torch.cat([d for _, d in steps], 1)
+    assert len(depths.unique()) >= 3  # tokens exit at several layers
+    assert torch.equal(depths, scored_depth)
+    close(torch.cat([logits for logits, _ in steps], 1), scored)
 
 
 @pytest.mark.parametrize("confidence, threshold",
@@ -151,8 +158,7 @@ def test_exit_decisions_are_causal(confidence: str, threshold: float) -> None:
 
     def depths(x: Tensor) -> Tensor:
         with torch.no_grad():
-            model(x)
-        return model.last_depth.clone()
+            return run(model, x)[1]
 
     base = depths(idx)
     assert len(base.unique()) >= 2  # a mix of exits, or the check would be empty
@@ -176,11 +182,11 @@ def test_flops_count_what_ran() -> None:
     model = planned(bb, plan, confidence="softmax")
     costs, idx = model.costs, tokens(B, T)
     cache = model.new_cache(B, T)
+    runner, m = model.measured()
     with torch.no_grad():
         model(idx[:, :P], cache, 0)
-        with model.measure() as m:
-            for t in range(P, T):
-                model(idx[:, t:t + 1], cache, t)
+        for t in range(P, T):
+            runner(idx[:, t:t + 1], cache, t)
     exits = plan[:, P:].flatten().tolist()
     context = 4.0
     scores = 2 * 2.0 * context * bb.cfg.n_heads * bb.cfg.head_dim
@@ -193,38 +199,15 @@ def test_flops_count_what_ran() -> None:
     # scoring one row: a copied state's K/V are computed only up to the last layer some later
     # token still runs
     row = model.plan = plan[:1]
-    with torch.no_grad(), model.measure() as m:
-        model(idx[:1])
+    runner, m = model.measured()
+    with torch.no_grad():
+        runner(idx[:1])
     exits = row[0].tolist()
     kv = sum(1 for i in range(1, L) for t, e in enumerate(exits)
              if e < i and any(later >= i for later in exits[t + 1:]))
     by_hand = (sum((e + 1) * (costs.layer + scores + costs.head) for e in exits)
                + kv * costs.kv) / T
     assert m.flops_per_token(context) == pytest.approx(by_hand)
-
-
-def test_subset_gathers_and_scatters_ragged_rows() -> None:
-    bb = backbone("ours")
-    x, ctx = bb.prepare(tokens(3, 6))
-    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1]]).bool()
-    sub = Subset.of(ctx, mask)
-    assert sub is not None and sub.count == 2 * 3  # the empty row dropped, padded to 3
-    positions = sub.ctx.positions.tolist()
-    assert positions[0] == [0, 2, 3] and positions[1][:2] == [1, 5]
-    y = sub.gather(x) + 1
-    out = sub.scatter(x, y)
-    close(out[mask], x[mask] + 1)
-    close(out[~mask], x[~mask])
-    assert Subset.of(ctx, torch.zeros(3, 6, dtype=torch.bool)) is None
-    # a long row is cut into pieces of one width rather than every row padded to its length
-    x, ctx = bb.prepare(tokens(3, 64))
-    mask = torch.zeros(3, 64, dtype=torch.bool)
-    mask[0], mask[1, [5, 9]], mask[2, 40] = True, True, True
-    sub = Subset.of(ctx, mask)
-    assert sub is not None and sub.count < 3 * 64 and int((sub.rows == 0).sum()) > 1
-    out = sub.scatter(x, sub.gather(x) * 2)
-    close(out[mask], x[mask] * 2)
-    close(out[~mask], x[~mask])
 
 
 # -- calibration ----------------------------------------------------------------------------
@@ -248,7 +231,7 @@ def test_calibration_is_fixed_sequence_testing(monkeypatch: pytest.MonkeyPatch) 
         risk = risk_at.get(round(float(model.threshold), 6), 0.5)
         return torch.full((len(windows),), risk)
 
-    monkeypatch.setattr(model, "consistency_reference", lambda w: None)
+    monkeypatch.setattr(model, "consistency_outputs", lambda w, m=None: None)
     monkeypatch.setattr(model, "disagreement", disagreement)
     report = model.calibrate(torch.zeros(200, 8, dtype=torch.long))
     tested = [t["threshold"] for t in report["thresholds_tested"]]

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causality import assert_cached_decisions_match, assert_causal, method_decisions
+from causality import (
+    assert_causal,
+    assert_decodable,
+    method_decisions,
+)
 
 from adadepth.config import ModelConfig
 from adadepth.depth.mod import MixtureOfDepths, MoDConfig
@@ -46,15 +50,12 @@ def test_decisions_are_causal_and_cached_decoding_decides_alike(name: str) -> No
     model = METHODS[name]()
     decide = method_decisions(model)
     idx = text(3, 40, 5)
-    for cut in (1, 17, 39):
-        assert_causal(decide, idx, V, cut)
-    assert_cached_decisions_match(model, decide, idx, prefill=9)
+    assert_decodable(model, decide, idx, V, (1, 17, 39), prefill=9)
 
 
 def test_the_check_fails_for_decisions_that_look_ahead() -> None:
     """Routing's training decisions (top-k over the sequence) are not causal: the check says so."""
     torch.manual_seed(1)
     model = routing()
-    model.set_decision("topk")
     with pytest.raises(AssertionError, match="depend on later tokens"):
-        assert_causal(method_decisions(model), text(3, 40, 5), V, 12)
+        assert_causal(method_decisions(model, rule="topk"), text(3, 40, 5), V, 12)

@@ -26,6 +26,22 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def serve(run: Path, out: Path, capsys: pytest.CaptureFixture, settings: str,
+          decode_batches: str = "2") -> tuple[dict, str, list[dict]]:
+    """`adadepth eval`, `generate` (two samples) and `bench` (small) on a run folder, as a user
+    runs them: its eval.json, generate's stderr (the measurement it prints), bench's rows."""
+    assert main(["eval", str(run), "--batches", "2"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "6",
+                 "--num-samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert main(["bench", str(run), "--settings", settings, "--prefill-batch", "2",
+                 "--prefill-len", "32", "--decode-batches", decode_batches, "--decode-tokens",
+                 "4", "--reps", "1", "--out", str(out)]) == 0
+    return report, err, json.loads((out / "bench.json").read_text())["rows"]
+
+
 def assert_user_error(capsys: pytest.CaptureFixture, *argv: str, match: str = "") -> str:
     code, _, err = run_cli(capsys, *argv)
     lines = err.strip("\n").split("\n")

@@ -276,3 +276,37 @@ def test_bad_inputs_raise_user_errors(tmp_path: Path, monkeypatch: pytest.Monkey
         data.get_batch("test", 2, 4, torch.Generator())
     with pytest.raises(UserError):
         data.get_batch("train", 0, 4, torch.Generator())
+
+
+def test_a_tokenizer_that_adds_bos_starts_every_window_with_it(tmp_path) -> None:
+    """Windows begin as the model's tokenizer begins a document: with its BOS when it adds
+    one (then each window's first target is the stream token the BOS precedes, and consecutive
+    evaluation windows still score every token once); with nothing otherwise."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from adadepth.data.tokenizers import HFTokenizer
+
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefgh ")}}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="a"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok = HFTokenizer(hf, "bos-test")
+    assert tok.bos_id == 0 and tok.encode("ab") == [2, 3]
+    corpus = Corpus("bos-test", ["abcdefgh " * 40], ["hgfedcba " * 40])
+    data = prepare_tokens(corpus, tok)
+    assert data.bos == 0
+    x, y = next(data.eval_batches("val", 2, 8))
+    stream = torch.from_numpy(data.val.astype("int64"))
+    assert (x[:, 0] == 0).all() and torch.equal(y[0], stream[:8])
+    assert torch.equal(y[1], stream[8:16])
+    assert torch.equal(x[0, 1:], stream[:7])
+    assert (data.windows("val", 5, 3)[:, 0] == 0).all()
+    xb, _ = data.get_batch("train", 3, 6, torch.Generator().manual_seed(0))
+    assert (xb[:, 0] == 0).all()
+    plain = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=RawTokenizer(
+        models.WordLevel(vocab, unk_token="a")), bos_token="<s>", eos_token="</s>"), "no-bos")
+    assert plain.bos_id is None

@@ -10,23 +10,32 @@ import torch
 from torch import Tensor, nn
 
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call, topk_count, topk_route
 from adadepth.depth.gates import Gate
 from adadepth.depth.registry import build
-from adadepth.depth.routing import RoutedFFN, RoutedModel, RoutingConfig, topk_count, topk_mask
+from adadepth.depth.routing import RoutedFFN, RoutedModel, RouteRecord, RoutingConfig
 from adadepth.generate import generate
-from adadepth.model import SwiGLU, Transformer
+from adadepth.model import Context, SwiGLU, Transformer
 
 D, D_FF, VOCAB = 16, 40, 30
 
 
-def router(cheap: str = "low_rank", budget: float = 0.5, dispatch: str = "sparse",
-           estimator: str = "ratio", seed: int = 0) -> RoutedFFN:
+def router(cheap: str = "low_rank", dispatch: str = "sparse", estimator: str = "ratio",
+           seed: int = 0) -> RoutedFFN:
     torch.manual_seed(seed)
     cheap_ffn = build("cheap", cheap, d_model=D, d_ff=D_FF, rank=4)
     for p in cheap_ffn.parameters():  # cheap paths start at zero output; make them matter
         nn.init.normal_(p, std=0.3)
     gate = build("gate", "g1", d_model=D, d_z=8)
-    return RoutedFFN(SwiGLU(D, D_FF), cheap_ffn, gate, budget, estimator, dispatch)
+    return RoutedFFN(0, SwiGLU(D, D_FF), cheap_ffn, gate, estimator, dispatch)
+
+
+def run(r: RoutedFFN, u: Tensor, budget: float = 0.5, **call) -> tuple[Tensor, RouteRecord]:
+    """The routed FFN on u, as its model's forward calls it: the call in the context."""
+    records: dict = {}
+    ctx = Context.block(0, u.shape[1], u.device,
+                        call=Call(setting=budget, records=records, **call))
+    return r(u, ctx), records[r.site]
 
 
 def twins(**kw) -> tuple[RoutedFFN, RoutedFFN]:
@@ -63,9 +72,9 @@ def test_sparse_equals_dense_forward_and_backward_with_ratio(cheap: str) -> None
     results = []
     for r in (sparse, dense):
         u = inputs(3, 11).requires_grad_()
-        out = r(u)
+        out, record = run(r, u)
         (out * inputs(3, 11, seed=2)).sum().backward()
-        results.append((out.detach(), r.record.mask, grads(r, u)))
+        results.append((out.detach(), record.mask, grads(r, u)))
     (out_s, mask_s, g_s), (out_d, mask_d, g_d) = results
     assert torch.equal(mask_s, mask_d)
     assert (mask_s.sum(1) == topk_count(11, 0.5)).all()
@@ -83,10 +92,10 @@ def test_rows_routing_differently_match_the_per_token_reference() -> None:
         scores = sparse.gate(u)
     for r in (sparse, dense):
         r.eval()
-        r.threshold.fill_(scores.median().item())
+        r.rule.set(scores.median().item())
     with torch.no_grad():
-        out_s, out_d = sparse(u), dense(u)
-    mask = sparse.record.mask
+        (out_s, record), (out_d, _) = run(sparse, u), run(dense, u)
+    mask = record.mask
     counts = mask.sum(1)
     assert counts.min() != counts.max()  # rows really take different routes
     torch.testing.assert_close(out_s, per_token_reference(sparse, u, mask))
@@ -99,9 +108,9 @@ def test_decode_step_with_rows_on_different_paths() -> None:
     u = inputs(6, 1, seed=5)
     with torch.no_grad():
         scores = r.gate(u)
-        r.threshold.fill_(scores.median().item())
-        out = r(u)
-    mask = r.record.mask
+        r.rule.set(scores.median().item())
+        out, record = run(r, u)
+    mask = record.mask
     assert 0 < mask.sum() < mask.numel()
     torch.testing.assert_close(out, per_token_reference(r, u, mask))
 
@@ -110,25 +119,25 @@ def test_decode_step_with_rows_on_different_paths() -> None:
 def test_empty_and_full_selections(training: bool) -> None:
     u = inputs(2, 7)
     with torch.no_grad():
-        r = router(budget=1.0).train(training)
-        r.threshold.fill_(float("nan"))  # budget 1.0 needs no calibrated threshold
-        assert torch.equal(r(u), r.full(u)) and r.record.mask.all()
+        r = router().train(training)
+        r.rule.set(float("nan"))  # budget 1.0 needs no calibrated threshold
+        out, record = run(r, u, budget=1.0)
+        assert torch.equal(out, r.full(u)) and record.mask.all()
         if not training:  # no token clears the threshold
-            r = router(budget=0.5).eval()
-            r.threshold.fill_(float("inf"))
-            assert torch.equal(r(u), r.cheap(u)) and not r.record.mask.any()
-        r.force = False
-        assert torch.equal(r(u), r.cheap(u))
-        r.force = True
-        assert torch.equal(r(u), r.full(u))
+            r = router().eval()
+            r.rule.set(float("inf"))
+            out, record = run(r, u)
+            assert torch.equal(out, r.cheap(u)) and not record.mask.any()
+        assert torch.equal(run(r, u, force=False)[0], r.cheap(u))
+        assert torch.equal(run(r, u, force=True)[0], r.full(u))
 
 
 def test_full_selection_backward_matches_dense() -> None:
-    sparse, dense = twins(budget=1.0)
+    sparse, dense = twins()
     g = []
     for r in (sparse, dense):
         u = inputs(2, 5).requires_grad_()
-        r.train()(u).square().sum().backward()
+        run(r.train(), u, budget=1.0)[0].square().sum().backward()
         g.append(grads(r, u))
     for name in g[0]:
         torch.testing.assert_close(g[0][name], g[1][name], msg=name)
@@ -155,9 +164,9 @@ def test_ratio_estimator_gradient_is_d_log_p(dispatch: str, center: str) -> None
     scores = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.5, 120.0, -120.0]])  # incl. saturated ones
     r.gate = FixedScores(scores)
     u, weight = inputs(1, 7), inputs(1, 7, seed=3)
-    out = r.train()(u)
+    out = run(r.train(), u)[0]
     (out * weight).sum().backward()
-    mask = topk_mask(scores, 0.5)
+    mask = topk_route(scores, 0.5)[0]
     with torch.no_grad():
         executed = per_token_reference(r, u, mask)
         p = torch.sigmoid(scores - (-0.25 if center == "boundary" else 0.0))
@@ -175,7 +184,7 @@ def test_boundary_centred_gradient_ignores_a_common_shift(estimator: str) -> Non
     for shift in (0.0, 50.0):
         r = router(dispatch="auto", estimator=estimator)
         r.gate = FixedScores(torch.tensor([[0.3, -1.0, 0.8, -0.2, 1.5, 0.1]]) + shift)
-        (r.train()(inputs(1, 6)) * inputs(1, 6, seed=3)).sum().backward()
+        (run(r.train(), inputs(1, 6))[0] * inputs(1, 6, seed=3)).sum().backward()
         grads.append(r.gate.scores.grad)
     assert grads[0].abs().min() > 1e-3
     torch.testing.assert_close(grads[0], grads[1])
@@ -192,7 +201,7 @@ def test_straight_through_is_refused_on_sparse_training_and_auto_picks_dense() -
     r.dispatch = "sparse"
     u = inputs(1, 4).requires_grad_()
     with pytest.raises(Exception, match="straight-through"):
-        r.train()(u)
+        run(r.train(), u)
 
 
 # -- generation under routing -------------------------------------------------------------------
@@ -201,11 +210,11 @@ def routed_model(inference: str = "threshold") -> RoutedModel:
     backbone = Transformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=4, n_heads=2,
                                        d_ff=D_FF, max_seq_len=64)).eval()
     model = RoutedModel(backbone, RoutingConfig(gate="g1", d_z=8, estimator="ratio",
-                                                inference=inference, aux=[]))
+                                                inference=inference, aux=[], cheap="low_rank"))
     for r in model.routers:  # untrained controllers: give the cheap path and predictor a say
         nn.init.normal_(r.cheap.up.weight, std=0.3)
         if r.predictor is not None:
-            nn.init.normal_(r.predictor.weight, std=1.0)
+            nn.init.normal_(r.predictor.net.weight, std=1.0)
     model.calibrate([torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(9))])
     return model.eval()
 
@@ -226,10 +235,11 @@ def test_generation_with_cache_equals_recomputation(inference: str) -> None:
     model(text[:, :5], cache, 0)
     differing_rows = 0
     for t in range(5, text.shape[1]):
-        step_logits = model(text[:, t:t + 1], cache, t).logits[:, -1]
-        step_masks = torch.stack([r.record.mask[:, -1] for r in model.routers])
-        full = model(text[:, :t + 1]).logits[:, -1]
-        full_masks = torch.stack([r.record.mask[:, -1] for r in model.routers])
+        step, whole = {}, {}
+        step_logits = model(text[:, t:t + 1], cache, t, call=Call(records=step)).logits[:, -1]
+        step_masks = torch.stack([step[i].mask[:, -1] for i in model.layers])
+        full = model(text[:, :t + 1], call=Call(records=whole)).logits[:, -1]
+        full_masks = torch.stack([whole[i].mask[:, -1] for i in model.layers])
         torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-5)
         assert torch.equal(step_masks, full_masks)
         differing_rows += int((step_masks[:, 0] != step_masks[:, 1]).any())

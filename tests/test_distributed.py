@@ -192,12 +192,13 @@ def test_blocks_and_routers_reached_from_outside_are_found() -> None:
 
 
 def test_activation_checkpointing_keeps_gradients_and_undoes() -> None:
-    model = tiny_routed().backbone
+    routed = tiny_routed()
+    model = routed.backbone  # its blocks hold the routed FFNs
     idx = torch.randint(0, 17, (2, 8))
 
     def grads() -> list[torch.Tensor]:
         model.zero_grad()
-        model(idx).logits.square().mean().backward()
+        routed(idx).logits.square().mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads()

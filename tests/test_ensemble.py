@@ -14,6 +14,7 @@ import adadepth
 from adadepth.cli import main
 from adadepth.config import ModelConfig, validate
 from adadepth.depth import method_spec
+from adadepth.depth.dispatch import Call
 from adadepth.depth.ensemble import EnsembleModel, distillation
 from adadepth.hf.adapters import HFAdapter
 from adadepth.model import Transformer
@@ -104,7 +105,7 @@ def test_mixing_states_is_mixing_logits_and_log_probs_are_another_model() -> Non
         model.mix_states = False
         explicit = model(IDX).logits
         torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-5)
-        model.ecfg.combine = "log_probs"
+        model.options.combine = "log_probs"
         assert not torch.allclose(model(IDX).logits, explicit, atol=1e-3)
 
 
@@ -166,15 +167,17 @@ def test_training_costs_follow_what_trains() -> None:
 @pytest.mark.parametrize("combine, heads", [("logits", 1.0), ("log_probs", 3.0)])
 def test_measure_counts_the_head_evaluations_that_ran(combine: str, heads: float) -> None:
     model = build("ensemble", layers=3, combine=combine)
-    with torch.no_grad(), model.measure() as m:
-        model(IDX)
+    runner, m = model.measured()
+    with torch.no_grad():
+        runner(IDX)
     summary = m.summary()
     assert summary["head_evaluations"] == heads and summary["tokens"] == IDX.numel()
     head = 2.0 * D * V
     assert m.flops_per_token(6.0) - model.reference_flops_per_token(6.0) == pytest.approx(
         (heads - 1) * head + 2 * D * 3 + 2 * 3 * (D if heads == 1 else V))
-    with torch.no_grad(), model.dense_reference(), model.measure() as m:
-        model(IDX)  # the base model runs, and is not the method's to count
+    runner, m = model.measured(Call(force=True))
+    with torch.no_grad():
+        runner(IDX)  # the base model runs, and is not the method's to count
     assert m.summary()["tokens"] == 0
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from adadepth.studies import ensemble as study
+from adadepth.studies.runner import run
+from adadepth.studies.shape import StudyOptions
 from adadepth.train import checkpoint as ck
 
 SEEDS = 2
+ARMS = [a.name for a in study.ARMS]
 
 
 def test_study_runs_every_arm_and_writes_a_filled_report(
@@ -25,10 +28,11 @@ def test_study_runs_every_arm_and_writes_a_filled_report(
     # A backbone already in place (with its eval.json) is reused instead of pretrained.
     shutil.copytree(tiny_backbone, out / "backbone")
     ck.write_json_atomic(out / "backbone" / "eval.json", {"val_loss": 3.0})
-    results = study.run_study("tiny", SEEDS, out, device="cpu", show_progress=False)
+    options = StudyOptions(seeds=SEEDS, device="cpu", show_progress=False)
+    results = run(study.Ensemble(options), out)
 
     assert {(r["arm"], r["seed"]) for r in results["runs"]} == {
-        (arm, seed) for arm in study.ARMS for seed in range(SEEDS)}
+        (arm, seed) for arm in ARMS for seed in range(SEEDS)}
     params = {r["arm"]: r["trainable_parameters"] for r in results["runs"]}
     assert params["ensemble"] < params["lora"] < params["ensemble+lora"] < params["full"]
     before = results["before"]
@@ -38,7 +42,7 @@ def test_study_runs_every_arm_and_writes_a_filled_report(
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["backbone"]["val_loss_own_corpus"] == 3.0
     report = (out / "report.md").read_text()
-    for arm in study.ARMS:
+    for arm in ARMS:
         assert f"| {arm} |" in report, arm
     assert "n/a" not in report
     for claim in ("comparable to the final layer", "complementary", "improves it",
@@ -48,5 +52,5 @@ def test_study_runs_every_arm_and_writes_a_filled_report(
         assert (out / png).stat().st_size > 1000
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
-    study.run_study("tiny", SEEDS, out, device="cpu", show_progress=False)
+    run(study.Ensemble(options), out)
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}

@@ -5,9 +5,8 @@ the backbone and reads them through a trained norm and the shared head."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import adadepth
 from adadepth import flops as fl
 from adadepth.cli import main
 from adadepth.config import Strict
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.dispatch import PLAIN, Call, Tally
+from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.model import Output
 from adadepth.runs import load_run
@@ -33,35 +33,30 @@ class TruncatedConfig(Strict):
 
 
 class Truncated(Method):
+    """A test method on the seams: the first `depth` layers and a head of its own."""
+
     name = "truncated-test"
     knob = Knob("layer_fraction", (1.0, 0.5))
     depth_unit = "layers run"
 
-    def __init__(self, backbone: nn.Module, cfg: TruncatedConfig) -> None:
-        super().__init__(backbone)
-        self.tcfg = cfg
-        self.depth = cfg.layers or backbone.n_layers
+    def __init__(self, backbone: nn.Module, options: TruncatedConfig) -> None:
+        super().__init__(backbone, options)
+        self.depth = options.layers or backbone.n_layers
         self.norm = backbone.make_norm()
-        self.tokens = 0
-        self.last: Tensor | None = None
 
     def forward(self, idx: Tensor, cache=None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
+        depth = self.backbone.n_layers if call.force is True else self.depth
         x, ctx = self.backbone.prepare(idx, cache, start, positions=positions)
-        for i in range(self.depth):
+        for i in range(depth):
             x = self.backbone.run_layer(i, x, ctx)
-        self.tokens += idx.numel()
-        self.last = torch.full(idx.shape, self.depth)
+        call.count("tokens", idx.numel())
+        call.count("layers", idx.numel() * depth)
+        call.note_depth(torch.full(idx.shape, depth))
         return Output(self.backbone.unembed(self.norm(x)), x)
-
-    def method_config(self) -> dict[str, Any]:
-        return self.tcfg.model_dump()
 
     def method_modules(self) -> dict[str, nn.Module]:
         return {"norm": self.norm}
-
-    def token_depth(self) -> Tensor | None:
-        return self.last
 
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         depth = max(1, round(value * self.backbone.n_layers))
@@ -71,30 +66,22 @@ class Truncated(Method):
         depth = self.depth
         return lambda: setattr(self, "depth", depth)
 
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        depth, self.depth = self.depth, self.backbone.n_layers
-        try:
-            yield
-        finally:
-            self.depth = depth
-
     def reference_flops_per_token(self, context: float) -> float:
         return sum(fl.forward_per_token(self.cfg, context).values())
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        start, depth = self.tokens, self.depth
+    def tally_flops(self, tally: Tally, context: float) -> float:
         counted = fl.forward_per_token(self.cfg, 1.0)
         per_layer = (counted["attn_proj"] + counted["ffn"]) / self.cfg.n_layers
+        scores = fl.attention(self.cfg, context)["attn_scores"]
+        layers = tally.get("layers") / max(tally.tokens, 1)
+        return layers * (per_layer + scores) + counted["lm_head"]
 
-        def flops(context: float) -> float:
-            scores = fl.attention(self.cfg, context)["attn_scores"]
-            return depth * (per_layer + scores) + counted["lm_head"]
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        return {"layers_run": tally.get("layers") / max(tally.tokens, 1),
+                "tokens": int(tally.tokens)}
 
-        yield Measurement(flops, lambda: {"layers_run": depth, "tokens": self.tokens - start})
-
-    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+    def after_training(self, calibration: Tensor, held_out: Tensor,
+                       evaluate: Evaluate) -> dict[str, Any]:
         return {"layers_run": self.depth}
 
 
@@ -159,7 +146,7 @@ def test_from_pretrained_and_save_pretrained_serve_the_new_method(tmp_path: Path
 
 @pytest.mark.parametrize("argv, match", [
     (["fit", "--method", "no-such-method", "--out", "x"], "unknown method"),
-    (["fit", "--method", "routing", "--out", "x"], "adadepth route"),
+    (["route", "--backbone", "no/such/run", "--out", "x"], "does not exist"),
     (["fit", "--method", Truncated.name, "--out", "x", f"{Truncated.name}.colour=1"],
      "unknown key"),
     (["fit", "--method", Truncated.name, "--out", "x", f"{Truncated.name}.layers=0"], "layers"),

@@ -22,7 +22,6 @@ from transformers import (
 
 import adadepth
 from adadepth.cli import main
-from adadepth.data import build_tokenizer
 from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -94,8 +93,7 @@ def test_routed_at_full_budget_equals_transformers(family: str) -> None:
         routed.calibrate([idx])
         assert max_diff(routed(idx).logits, ref) <= 1e-5
         # The same controllers at half budget do change the output: routing is really installed.
-        for r in routed.routers:
-            r.budget = 0.5
+        routed.budget = 0.5
         routed.train()
         assert max_diff(routed(idx).logits, ref) > 1e-3
 
@@ -130,21 +128,6 @@ def test_cache_equals_no_cache(family: str) -> None:
 
 
 # -- directories, save/load, training ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path) -> Path:
-    """A tiny random Llama saved as a transformers directory with the GPT-2 tokenizer."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer("gpt2", None).hf
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def randomise_controller(model: RoutedModel, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -201,7 +184,7 @@ def test_save_stores_an_in_memory_backbone(tmp_path: Path) -> None:
 def test_controller_only_training_leaves_backbone_bitwise(llama_dir: Path) -> None:
     from adadepth.config import OptimConfig, TrainConfig
     from adadepth.data import load_corpus, prepare_tokens
-    from adadepth.jobs.route import RoutingObjective
+    from adadepth.jobs.fit import MethodObjective
     from adadepth.train.loop import train
 
     loaded = load_transformers(llama_dir)
@@ -209,23 +192,28 @@ def test_controller_only_training_leaves_backbone_bitwise(llama_dir: Path) -> No
     adapter.requires_grad_(False)
     before = {k: v.clone() for k, v in adapter.backbone_state().items()}
     model = RoutedModel(adapter, RoutingConfig(budget=0.5, aux=["util", "rank"]))
-    start = [p.clone() for p in model.controller_parameters()]
+    model.set_trainable(from_scratch=False)
+
+    def controller() -> list[torch.Tensor]:
+        return [p for m in model.method_modules().values() for p in m.parameters()]
+
+    start = [p.clone() for p in controller()]
     data = prepare_tokens(load_corpus("tiny-shakespeare"), loaded.tokenizer)
-    train(RoutingObjective(model, 0), data, TrainConfig(steps=3, batch_size=2, eval_batches=1),
+    train(MethodObjective(model), data, TrainConfig(steps=3, batch_size=2, eval_batches=1),
           OptimConfig(lr=1e-2, warmup_steps=0), 32, Path(llama_dir.parent / "run-frozen"),
           show_progress=False)
     after = adapter.backbone_state()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert any(not torch.equal(a, p) for a, p in zip(start, model.controller_parameters(),
-                                                     strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(start, controller(), strict=True))
 
 
 def test_cli_eval_and_route_on_a_transformers_directory(llama_dir: Path, tmp_path: Path) -> None:
     assert main(["eval", str(llama_dir), "--corpus", "tiny-shakespeare", "--batches", "1",
-                 "--block-size", "32"]) == 0
-    result = json.loads((llama_dir / "eval.json").read_text())
+                 "--block-size", "32", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["kind"] == "hf" and result["val_loss"] > 0
+    assert not (llama_dir / "eval.json").exists()  # never written into the user's model folder
     out = tmp_path / "routed"
     assert main(["route", "--backbone", str(llama_dir), "--steps", "2", "--out", str(out),
                  "train.batch_size=2", "train.eval_batches=1", "data={block_size: 32}"]) == 0

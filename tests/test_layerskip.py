@@ -18,7 +18,8 @@ from torch import Tensor
 
 from adadepth.cli import main
 from adadepth.depth.exits import layer_states
-from adadepth.depth.layerskip import LayerSkipConfig, LayerSkipModel
+from adadepth.depth.layerskip import LayerSkipConfig, LayerSkipModel, Speculator
+from adadepth.depth.method import TrainingPlan
 from adadepth.generate import generate
 from adadepth.runs import load_run
 
@@ -34,10 +35,10 @@ def test_self_speculative_greedy_decoding_is_the_full_models(name: str, batch: i
                                                              exit_layer: int) -> None:
     model = skip_model(name, exit_layer=exit_layer, draft_tokens=3)
     prompt = tokens(batch, 5, seed=4)
+    runner, m = model.measured()
     with torch.no_grad():
         expected = generate(model.backbone, prompt, 30, temperature=0.0)
-        with model.measure() as m:
-            got = generate(model, prompt, 30, temperature=0.0)
+        got = generate(runner, prompt, 30, temperature=0.0)
     assert torch.equal(got, expected)
     assert 0 <= m.summary()["acceptance_rate"] <= 1
 
@@ -47,11 +48,15 @@ def test_rows_accept_different_numbers_of_drafts() -> None:
     different rows in the same round (rows then sit at different positions)."""
     model = skip_model("ours", exit_layer=1, draft_tokens=3)
     kept: list[list[int]] = []
-    observe = model.observe
-    model.observe = lambda accepted, active: (kept.append(accepted[active].tolist()),
-                                              observe(accepted, active))
+    observe = Speculator.observe
+
+    def noting(self, accepted, active):
+        kept.append(accepted[active].tolist())
+        observe(self, accepted, active)
+
     prompt = tokens(3, 5, seed=4)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Speculator, "observe", noting)
         expected = generate(model.backbone, prompt, 30, temperature=0.0)
         assert torch.equal(generate(model, prompt, 30, temperature=0.0), expected)
     assert any(len(set(row)) > 1 for row in kept)
@@ -82,16 +87,17 @@ def test_the_measurement_counts_what_ran_drafts_verification_and_rejections() ->
     prompt = tokens(B, 5, seed=8)
     cache = model.new_cache(B, 5 + n + 5)
     row_rounds = []  # rows that took part in each round
-    observe = model.observe
-    model.observe = lambda accepted, active: (row_rounds.append(int(active.sum())),
-                                              observe(accepted, active))
     with torch.no_grad():
         logits = model(prompt, cache, 0).logits[:, -1]
         seen = counting(model)
-        with model.measure() as m:
-            from adadepth.generate import Sampler, speculative
-            out = speculative(model, cache, logits, 5, n, Sampler())
-    t = model.tally
+        runner, m = model.measured()
+        spec = runner.speculator
+        observe = spec.observe
+        spec.observe = lambda accepted, active: (row_rounds.append(int(active.sum())),
+                                                 observe(accepted, active))
+        from adadepth.generate import Sampler, speculative
+        out = speculative(spec, cache, logits, 5, n, Sampler())
+    t = m.tally
     summary = m.summary()
     produced = summary["tokens"]
     assert produced >= B * (n - 1)  # the first token came from the prompt's logits
@@ -101,10 +107,11 @@ def test_the_measurement_counts_what_ran_drafts_verification_and_rejections() ->
     assert m.flops_per_token(context) == pytest.approx(by_hand)
     # every token of a round passes every block once: L * (drafts + 1) per row and round; rows
     # that have all their tokens leave the rounds and run nothing more
-    assert seen["blocks"] == L * (t.drafted + sum(row_rounds))
-    assert len(row_rounds) == t.rounds and row_rounds[-1] < B
+    assert seen["blocks"] == L * (t.get("drafted") + sum(row_rounds))
+    assert len(row_rounds) == t.get("rounds") and row_rounds[-1] < B
+    assert t.get("row_rounds") == sum(row_rounds)
     assert out.shape == (B, n)
-    assert summary["acceptance_rate"] == pytest.approx(t.accepted / t.drafted)
+    assert summary["acceptance_rate"] == pytest.approx(t.get("accepted") / t.get("drafted"))
 
 
 def test_early_exit_decoding_is_the_first_blocks_and_the_shared_head() -> None:
@@ -123,14 +130,13 @@ def test_early_exit_decoding_is_the_first_blocks_and_the_shared_head() -> None:
         steps = [model(out[:, :3], cache, 0).logits]
         steps += [model(out[:, t:t + 1], cache, t).logits for t in range(3, 11)]
         torch.testing.assert_close(torch.cat(steps, 1), model(out).logits)
-    with model.dense_reference():
-        assert torch.equal(model(idx).logits, bb(idx).logits)
+    assert torch.equal(model.dense_reference()(idx).logits, bb(idx).logits)
 
 
 def test_training_schedules_are_the_papers() -> None:
     model = skip_model(p_max=0.2, curriculum="rotational", rotation=2)
     L = model.backbone.n_layers  # 3
-    model.begin_training(11)
+    model.begin_training(TrainingPlan(11, 0, None))
     model.from_scratch = False  # continual pretraining: S(t) = 1
     rates = model.dropout_rates(0)
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates[0] < rates[1] < rates[2]
@@ -140,7 +146,7 @@ def test_training_schedules_are_the_papers() -> None:
     assert 0 < model.dropout_rates(5)[-1] < 0.1  # exponential: below the linear midpoint
     # rotational, R = 2: even layers, then odd ones; the last layer always
     assert model.enabled_exits(0) == [0, 2] and model.enabled_exits(1) == [1, 2]
-    model.lcfg.curriculum = "gradual"  # from the last layer down, all by half of training
+    model.options.curriculum = "gradual"  # from the last layer down, all by half of training
     assert model.enabled_exits(0) == [2] and model.enabled_exits(5) == [0, 1, 2]
     scales = model.loss_scales([0, 1, 2])
     assert sum(scales) == pytest.approx(1.0) and scales[0] < scales[1] < scales[2]

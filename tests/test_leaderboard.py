@@ -14,10 +14,13 @@ from test_cli import assert_user_error
 from adadepth import config
 from adadepth import flops as fl
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call
 from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.eval import decode_eval
 from adadepth.model import Transformer
 from adadepth.studies import leaderboard, recipes
+from adadepth.studies.runner import run
+from adadepth.studies.shape import StudyOptions
 
 
 def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
@@ -27,9 +30,10 @@ def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
     cfg = ModelConfig(vocab_size=30, d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=64)
     model = RoutedModel(Transformer(cfg), RoutingConfig(gate="g1", d_z=8, aux=[])).eval()
     model.calibrate([torch.randint(0, 30, (4, 16))])
-    model.routers[0].force, model.routers[1].force = True, False
     windows = torch.randint(0, 30, (3, 17), generator=torch.Generator().manual_seed(1))
-    _, fraction, summary, depth = decode_eval(model, windows)
+    forced = Call(forced={model.layers[0]: True, model.layers[1]: False})
+    result = decode_eval(model, windows, call=forced)
+    fraction, summary, depth = result.flops_fraction, result.summary, result.depth
     context = fl.causal_context(16)
     dense = fl.forward_per_token(cfg, context)
     cheap = fl.module_flops(model.routers[1].cheap)
@@ -38,6 +42,13 @@ def test_realised_flops_are_counted_from_the_decisions_that_ran() -> None:
     assert fraction == pytest.approx(expected, rel=1e-9)
     assert summary["full_fraction_per_layer"] == [1.0, 0.0]
     assert torch.equal(depth[0], torch.ones(3, 16))  # one full-path layer per token
+
+
+def run_leaderboard(out: Path, methods: list[str], budgets: tuple[float, ...] | None = None
+                    ) -> dict:
+    options = StudyOptions(preset="toy", seeds=1, methods=tuple(methods), budgets=budgets,
+                           show_progress=False)
+    return run(leaderboard.Leaderboard(options), out)
 
 
 @pytest.fixture
@@ -56,53 +67,75 @@ def toy_sizes(monkeypatch: pytest.MonkeyPatch) -> leaderboard.Preset:
     return preset
 
 
-def test_a_resumed_leaderboard_gives_the_same_table(toy_sizes, tmp_path: Path) -> None:
+def test_a_resumed_leaderboard_gives_the_same_report(toy_sizes, tmp_path: Path) -> None:
+    """Every method at its trained setting and along its knob (five settings and the trained
+    one), each point measured and timed against the backbone; the report opens with the speed
+    at +1/+2/+5 % loss; a re-run resumes every measured point and writes the same report."""
     out = tmp_path / "lb"
-    first = leaderboard.run_study("toy", 1, out, methods=["routing-g1", "random-routing"],
-                                  show_progress=False)
-    table = (out / "report.md").read_text()
-    rows = {(r["entry"], r["budget"]) for r in first["rows"]}
-    assert rows == {("routing-g1", 0.5), ("routing-g1", 0.75), ("random-routing", 0.5),
-                    ("random-routing", 0.75), ("all-cheap", None)}
-    for r in first["rows"]:
-        assert 0 < r["flops_fraction"] <= 1.0 and r["val_loss"] > 0
-        if r["budget"] is not None:
-            assert "decode_b1" in r["speed"] and r["speed"]["decode_b1"]["measured_speedup"] > 0
-            assert r["training_flops"] > 0 and r["trainable_parameters"] > 0
-    for png in ("quality_vs_cost.png", "where_compute_goes.png"):
+    first = run_leaderboard(out, ["routing-g1", "random-routing"])
+    report = (out / "report.md").read_text()
+    runs = {r["entry"]: r for r in first["runs"]}
+    assert set(runs) == {"routing-g1", "random-routing", "all-cheap"}
+    for name in ("routing-g1", "random-routing"):
+        points = runs[name]["points"]
+        trained = [p for p in points if p["trained"]]
+        assert len(trained) == 1 and trained[0]["setting"] == 0.5  # the budget it trained at
+        assert runs[name]["trained_setting"] == 0.5 and len(points) >= 6
+        assert {p["setting"] for p in points} >= {0.2, 0.4, 0.6, 0.8, 1.0, 0.5}
+        for p in points:
+            assert p["in_trained_range"] == (p["setting"] == 0.5)
+            assert p["flops_fraction"] > 0 and p["val_loss"] > 0
+            if name == "random-routing":  # random gates cost nothing: never above dense
+                assert p["flops_fraction"] <= 1.0 + 1e-9
+            assert p["speed"]["decode_b1"]["measured_speedup"] > 0
+            parts = p["breakdown"]
+            assert sum(parts.values()) == pytest.approx(p["flops_fraction"] - 1, abs=1e-9)
+        assert runs[name]["training_flops"] > 0
+    assert [p["trained"] for p in runs["all-cheap"]["points"]] == [True]
+    assert report.index("at no more than +1 %") < report.index("frontier")
+    assert "| routing-g1 |" in report and "**trained**" in report
+    for png in ("quality_vs_speed.png", "where_compute_goes.png"):
         assert (out / png).stat().st_size > 5000
     (out / "report.md").unlink()
-    again = leaderboard.run_study("toy", 1, out, methods=["routing-g1", "random-routing"],
-                                  show_progress=False)
-    assert (out / "report.md").read_text() == table
-    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(first["rows"], sort_keys=True)
+    again = run_leaderboard(out, ["routing-g1", "random-routing"])
+    assert (out / "report.md").read_text() == report
+    assert json.dumps(again["runs"], sort_keys=True) == json.dumps(first["runs"], sort_keys=True)
 
 
 def test_every_other_method_trains_evaluates_and_benches(toy_sizes, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each non-routing entry on the shared backbone: trained, set to a budget through its own
-    knob (or kept at its setting), evaluated as generation feeds it, and timed."""
-    names = [e.name for e in leaderboard.ENTRIES if e.job == "fit"]
+    """Each non-routing entry on the shared backbone: trained, measured at its trained setting
+    (and along its knob when it trades quality for compute), and timed."""
+    names = [e.name for e in leaderboard.ENTRIES if e.config["method"] != "routing"]
     assert {"mod", "static-skip", "calm", "layerskip-exit", "layerskip-spec", "ponder",
-            "ensemble"} <= set(names)
-    short = [dataclasses.replace(e, steps=4 if e.steps else None) for e in leaderboard.ENTRIES]
+            "ensemble", "mor", "router-tuning"} <= set(names)
+    short = [dataclasses.replace(e, config={**e.config, "train": {"steps": 4}})
+             if "train" in e.config else e for e in leaderboard.ENTRIES]
     monkeypatch.setattr(leaderboard, "ENTRIES", short)
     toy_sizes.overrides.extend(["calm.calibration_windows=4", "static-skip.calibration_windows=4",
                                 "mod.capacity=0.5"])
-    results = leaderboard.run_study("toy", 1, tmp_path / "lb", methods=names, budgets=[0.75],
-                                    show_progress=False)
-    by_entry = {r["entry"]: r for r in results["rows"]}
-    assert set(by_entry) == {*names, "all-cheap"}
+    results = run_leaderboard(tmp_path / "lb", names, budgets=(0.75,))
+    runs = {r["entry"]: r for r in results["runs"]}
+    assert set(runs) == {*names, "all-cheap"}
     for name in names:
-        row = by_entry[name]
-        assert row["val_loss"] > 0 and row["flops_fraction"] > 0, name
-        assert row["speed"]["decode_b8"]["measured_speedup"] > 0, name
+        points = runs[name]["points"]
+        trained = [p for p in points if p["trained"]]
+        assert len(trained) == 1, name
+        assert trained[0]["val_loss"] > 0 and trained[0]["flops_fraction"] > 0, name
+        assert trained[0]["speed"]["decode_b8"]["measured_speedup"] > 0, name
         # static skipping trains nothing (it only measures influences)
-        assert (row["training_flops"] > 0) == (name != "static-skip"), name
-    for name in ("mod", "static-skip", "calm", "layerskip-exit"):
-        assert by_entry[name]["budget"] == 0.75 and by_entry[name]["flops_fraction"] < 1, name
-    assert by_entry["ponder"]["flops_fraction"] > 1  # pondering adds passes: above dense
+        assert (runs[name]["training_flops"] > 0) == (name != "static-skip"), name
+        frontier = runs[name]["group"] == "frontier"
+        # five settings or more (the trained one may be one of them); an exit layer of a
+        # 4-layer model has only three
+        assert (len(points) >= (3 if name == "layerskip-exit" else 5)) == frontier, name
+    assert min(p["flops_fraction"] for p in runs["static-skip"]["points"]) < 0.5
+    assert trained_of(runs["ponder"])["flops_fraction"] > 1  # pondering adds passes
     assert "calm" in (tmp_path / "lb" / "report.md").read_text()
+
+
+def trained_of(run: dict) -> dict:
+    return next(p for p in run["points"] if p["trained"])
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from causality import assert_cached_decisions_match, assert_causal, assert_round_trip
+from causality import assert_causal, assert_decodable, assert_round_trip, fed_in_steps
 from test_cache import BACKBONES, V, backbone, close, tokens
-from test_cli import assert_user_error
+from test_cli import assert_user_error, serve
 
 import adadepth
 from adadepth import flops as fl
 from adadepth.cli import main
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call
 from adadepth.depth.mod import MixtureOfDepths, MoDConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -32,18 +33,24 @@ def mod_model(name: str = "ours", seed: int = 0, **options) -> MixtureOfDepths:
     with torch.no_grad():
         for router in model.routers:
             router.linear.weight.copy_(torch.randn(router.linear.weight.shape, generator=gen))
-    if model.mcfg.threshold == "calibrated" and model.capacity < 1:
+    if model.options.threshold == "calibrated" and model.capacity < 1:
         model.calibrate(tokens(16, 24, seed=seed + 5))
     return model
 
 
-def mod_decisions(model: MixtureOfDepths):
+def run_masks(model: MixtureOfDepths, idx, cache=None, start: int = 0, **call):
+    """The logits of a forward and each routed block's decisions in it."""
+    records: dict = {}
+    logits = model(idx, cache, start, call=Call(records=records, **call)).logits
+    return logits, [records["mask", j] for j in range(len(model.layers))]
+
+
+def mod_decisions(model: MixtureOfDepths, **call):
     """Which routed blocks each token ran, (B, T, routed blocks)."""
 
     def decide(idx, cache=None, start=0):
         with torch.no_grad():
-            model(idx, cache, start)
-        return torch.stack(list(model.masks), -1).clone()
+            return torch.stack(run_masks(model, idx, cache, start, **call)[1], -1)
 
     return decide
 
@@ -109,12 +116,9 @@ def test_a_routed_block_runs_on_the_selected_tokens_alone(name: str, mode: str) 
     """Top-k (training) and causal (ragged: rows choose different numbers) selections equal the
     block run on each row's selected tokens as a sequence of their own."""
     model = mod_model(name, capacity=0.4, layers="all")
-    if mode == "topk":
-        model.decision = "topk"
     idx = tokens(3, 14)
     with torch.no_grad():
-        got = model(idx).logits
-        masks = [m.clone() for m in model.masks]
+        got, masks = run_masks(model, idx, rule=mode)
         close(got, by_hand(model, idx, masks), 2e-5)
     counts = torch.stack(masks).sum(-1)
     if mode == "topk":
@@ -130,12 +134,9 @@ def test_cached_generation_with_skipped_blocks_equals_recomputation(name: str) -
     model = mod_model(name, capacity=0.5, layers="all")
     idx = tokens(3, 16, seed=2)
     with torch.no_grad():
-        full = model(idx).logits
-        masks = [m.clone() for m in model.masks]
-        cache = model.new_cache(3, 16)
-        steps = [model(idx[:, :6], cache, 0).logits]
-        steps += [model(idx[:, t:t + 1], cache, t).logits for t in range(6, 16)]
-        close(torch.cat(steps, 1), full, 2e-5)
+        full, masks = run_masks(model, idx)
+        stepped, cache = fed_in_steps(model, idx, 6)
+        close(stepped, full, 2e-5)
         for j, layer in enumerate(model.layers):  # K/V exactly where the block ran
             assert torch.equal(cache.valid[layer, :, :16], masks[j])
         prompt = idx[:, :5]
@@ -149,18 +150,14 @@ def test_cached_generation_with_skipped_blocks_equals_recomputation(name: str) -
 def test_every_causal_decision_is_causal(causal: str, threshold: str) -> None:
     model = mod_model("llama", capacity=0.3, layers="all", causal=causal, threshold=threshold)
     idx = tokens(3, 30, seed=3)
-    decide = mod_decisions(model)
-    for cut in (1, 12, 29):
-        assert_causal(decide, idx, V, cut)
-    assert_cached_decisions_match(model, decide, idx, prefill=7)
+    assert_decodable(model, mod_decisions(model), idx, V, (1, 12, 29), prefill=7)
 
 
 def test_the_causality_check_catches_top_k() -> None:
     """The check can fail: top-k over the sequence looks ahead."""
     model = mod_model(capacity=0.3, layers="all")
-    model.decision = "topk"
     with pytest.raises(AssertionError, match="depend on later tokens"):
-        assert_causal(mod_decisions(model), tokens(3, 30, seed=3), V, 10)
+        assert_causal(mod_decisions(model, rule="topk"), tokens(3, 30, seed=3), V, 10)
 
 
 @pytest.mark.parametrize("control", ["online", "fixed"])
@@ -174,9 +171,9 @@ def test_online_thresholds_hold_the_capacity_on_shifted_text(control: str) -> No
     with torch.no_grad():
         model.routers[0].linear.weight.normal_()
         model.calibrate(tokens(16, 64, seed=5))
-        model.routers[0].predictor[-1].bias += model.routers[0].spread
-        with model.measure() as m:
-            model(tokens(4, 256, seed=8))
+        model.routers[0].predictor.net[-1].bias += model.routers[0].rule.spread
+        runner, m = model.measured()
+        runner(tokens(4, 256, seed=8))
     worst = max(abs(f - 0.25) for f in m.summary()["capacity_per_layer"])
     assert (worst <= 0.02) == (control == "online"), worst
 
@@ -191,30 +188,26 @@ def test_measure_counts_what_ran() -> None:
     layer = attn["attn_proj"] + fl.ffn(cfg)
     head, router = fl.linear(cfg.d_model, cfg.vocab_size), fl.linear(cfg.d_model, 1)
     dense = sum(fl.forward_per_token(cfg, ctx).values())
-    model.decision = "topk"
-    with torch.no_grad(), model.measure() as m:
-        model(tokens(2, T))
+    runner, m = model.measured(Call(rule="topk"))
+    with torch.no_grad():
+        runner(tokens(2, T))
     keys = sum(range(1, 6)) / sum(range(1, T + 1))  # the i-th of 5 selected sees i keys
     expected = head + 2 * (layer + attn["attn_scores"]) + 0.5 * layer \
         + keys * attn["attn_scores"] + router
     assert m.flops_per_token(ctx) == pytest.approx(expected)
     assert m.summary()["realised_capacity"] == 0.5
-    model.decision = "auto"
-    with torch.no_grad(), model.dense_reference(), model.measure() as m:
-        model(tokens(2, T))
+    runner, m = model.measured(Call(force=True))  # the dense reference
+    with torch.no_grad():
+        runner(tokens(2, T))
     assert m.flops_per_token(ctx) == pytest.approx(model.reference_flops_per_token(ctx))
     assert model.reference_flops_per_token(ctx) == pytest.approx(dense + router)
-    model.force = False
-    with torch.no_grad(), model.measure() as m:
-        model(tokens(2, T))
+    runner, m = model.measured(Call(force=False))
+    with torch.no_grad():
+        runner(tokens(2, T))
     assert m.flops_per_token(ctx) == pytest.approx(dense - layer - attn["attn_scores"])
-    model.force = None
     idx = tokens(2, 12, seed=4)  # cached decoding: count keys from the cache's validity
-    with torch.no_grad(), model.measure() as m:
-        cache = model.new_cache(2, 12)
-        model(idx[:, :4], cache, 0)
-        for t in range(4, 12):
-            model(idx[:, t:t + 1], cache, t)
+    runner, m = model.measured()
+    _, cache = fed_in_steps(runner, idx, 4)
     valid = cache.valid[1, :, :12]
     attended = sum(valid[b, :p + 1].sum().item() for b in range(2) for p in range(12)
                    if valid[b, p])
@@ -235,10 +228,13 @@ def test_the_predictor_learns_top_k_membership_behind_a_stop_gradient() -> None:
     model.set_trainable(from_scratch=False)  # joint: everything requires grad
     model.train()
     idx = tokens(2, 17)
-    model(idx)
-    bce = sum(F.binary_cross_entropy_with_logits(s, m.float()) for s, m in model.targets)
+    records: dict = {}
+    model(idx, call=Call(records=records))
+    targets = [v for k, v in records.items() if k[0] == "target"]
+    assert len(targets) == len(model.layers)
+    bce = sum(F.binary_cross_entropy_with_logits(s, m.float()) for s, m in targets)
     bce.backward()
-    assert model.routers[0].predictor[0].weight.grad.abs().sum() > 0
+    assert model.routers[0].predictor.net[0].weight.grad.abs().sum() > 0
     assert model.routers[0].linear.weight.grad is None
     assert all(p.grad is None for p in model.backbone.parameters())
 
@@ -249,7 +245,8 @@ def test_training_loss_adds_the_causal_bce_to_the_lm_loss() -> None:
     model.set_trainable(from_scratch=False)
     model.train()
     idx = tokens(2, 17)
-    loss, figures = model.training_loss(idx[:, :-1], idx[:, 1:], 0)
+    step = model.training_loss(idx[:, :-1], idx[:, 1:], 0)
+    loss, figures = step.loss, step.metrics
     assert {"lm_loss", "causal_bce", "causal_accuracy"} <= set(figures)
     assert loss.item() == pytest.approx(figures["lm_loss"] + 0.1 * figures["causal_bce"])
     loss.backward()
@@ -259,10 +256,10 @@ def test_training_loss_adds_the_causal_bce_to_the_lm_loss() -> None:
 
 def test_token_depth_counts_blocks_run() -> None:
     model = mod_model(capacity=0.5)
-    model.force = False
+    depth: list = []
     with torch.no_grad():
-        model(tokens(2, 5))
-    assert torch.equal(model.token_depth(), torch.full((2, 5), 2))  # 3 blocks, 1 routed
+        model(tokens(2, 5), call=Call(force=False, depth=depth))
+    assert torch.equal(depth[0], torch.full((2, 5), 2.0))  # 3 blocks, 1 routed
 
 
 def test_which_blocks_are_routed() -> None:
@@ -328,17 +325,9 @@ def test_a_routers_only_retrofit_leaves_the_backbone_alone(retrofit: Path,
 
 def test_eval_generate_and_bench_serve_a_mod_run(retrofit: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", str(retrofit), "--batches", "2"]) == 0
-    report = json.loads((retrofit / "eval.json").read_text())
+    report, err, rows = serve(retrofit, tmp_path, capsys, "1.0,0.25", "1,2")
     assert report["kind"] == "mod" and 0.5 < report["flops_ratio"] < 1
-    capsys.readouterr()
-    assert main(["generate", str(retrofit), "--prompt", "ROMEO:", "--max-new-tokens", "6",
-                 "--num-samples", "2"]) == 0
-    assert '"realised_capacity"' in capsys.readouterr().err
-    assert main(["bench", str(retrofit), "--settings", "1.0,0.25", "--prefill-batch", "2",
-                 "--prefill-len", "32", "--decode-batches", "1,2", "--decode-tokens", "4",
-                 "--reps", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert '"realised_capacity"' in err
     assert {(r["phase"], r["batch"], r["capacity"]) for r in rows} == {
         (phase, batch, c) for phase, batch in (("prefill", 2), ("decode", 1), ("decode", 2))
         for c in (1.0, 0.25)}
@@ -390,7 +379,7 @@ def test_from_pretrained_and_save_pretrained(tmp_path: Path) -> None:
     with torch.no_grad():
         for router in model.routers:
             router.linear.weight.normal_()
-            router.predictor[-1].bias.fill_(0.3)
+            router.predictor.net[-1].bias.fill_(0.3)
     assert isinstance(assert_round_trip(model, idx, tmp_path / "saved"), MixtureOfDepths)
 
 
@@ -422,11 +411,11 @@ def test_the_leaderboard_reads_flops_from_what_ran() -> None:
     dense = fl.forward_per_token(model.cfg, ctx)
     block = (sum(dense.values()) - dense["lm_head"]) / model.cfg.n_layers
     router = fl.linear(model.cfg.d_model, 1)
-    model.force = False
-    _, fraction, summary, depth = decode_eval(model, windows)
+    result = decode_eval(model, windows, call=Call(force=False))
+    fraction, summary, depth = result.flops_fraction, result.summary, result.depth
     assert fraction == pytest.approx(1 - block / sum(dense.values()), rel=1e-9)
-    assert summary["capacity_per_layer"] == [0.0] and torch.equal(depth[0], torch.full((3, 16), 2))
-    model.force = True
-    _, fraction, _, _ = decode_eval(model, windows)
+    assert summary["capacity_per_layer"] == [0.0]
+    assert torch.equal(depth[0], torch.full((3, 16), 2.0))
+    fraction = decode_eval(model, windows, call=Call(force=True)).flops_fraction
     assert fraction == pytest.approx(1 + router / sum(dense.values()), rel=1e-9)
     assert model.current_knob_value() == 0.5

@@ -154,3 +154,50 @@ def test_forward_flops_match_a_count_of_linear_weights(kw: dict) -> None:
     assert flops.module_flops(model) == linear_flops
     assert flops.train_per_token(cfg, 10.0) == 3 * sum(counted.values())
     assert flops.causal_context(64) == 32.5
+
+
+def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradient() -> None:
+    """Pieces of 7 positions (the head is never called on more), forward and backward, and
+    per-token losses; a call that fits one piece is the plain loss to the bit."""
+    from adadepth.model import causal_lm_loss, chunked_lm_loss
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16)
+    seen: list[int] = []
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h.shape[0] if h.dim() == 2 else h.shape[0] * h.shape[1])
+        return h @ weight.T
+
+    hidden = torch.randn(3, 50, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 50))
+    chunked = chunked_lm_loss(head, hidden, targets, chunk=7)
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden)
+    assert max(seen) <= 7 and len(seen) >= 2 * 22  # forward pieces, then their recomputation
+    plain = causal_lm_loss(hidden @ weight.T, targets)
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(grad_chunked, grad_plain)
+    per_token = chunked_lm_loss(head, hidden.detach(), targets, "none", chunk=7)
+    torch.testing.assert_close(per_token, causal_lm_loss(hidden.detach() @ weight.T, targets,
+                                                         "none"))
+    whole = chunked_lm_loss(head, hidden, targets, chunk=150)
+    assert torch.equal(whole, plain)
+
+
+def test_a_large_vocabulary_loss_never_holds_the_batch_logits() -> None:
+    """A model whose head would give 4 x 256 x 262,144 logits (1 GiB in fp32): its loss never
+    calls the head on more than CHUNK_LOGITS worth of positions."""
+    from adadepth.model import transformer
+
+    cfg = ModelConfig(vocab_size=262_144, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                      max_seq_len=256)
+    model = Transformer(cfg)
+    calls: list[int] = []
+    unembed = model.unembed
+    model.unembed = lambda h: (calls.append(h.numel() // h.shape[-1]), unembed(h))[1]
+    idx = torch.randint(0, cfg.vocab_size, (4, 256))
+    loss = model(idx).loss(idx)
+    loss.backward()
+    limit = transformer.CHUNK_LOGITS // cfg.vocab_size
+    assert len(calls) > 4 and max(calls) <= limit

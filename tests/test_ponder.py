@@ -18,6 +18,7 @@ from adadepth import flops as fl
 from adadepth.cli import main
 from adadepth.config import ModelConfig
 from adadepth.data import build_tokenizer
+from adadepth.depth.dispatch import Call
 from adadepth.depth.ponder import (
     PonderConfig,
     PonderModel,
@@ -80,12 +81,18 @@ def reference_ponderlm(bb, idx: torch.Tensor, passes: int) -> torch.Tensor:
     return logits
 
 
+def recorded(model: PonderModel, idx: torch.Tensor, cache=None, start: int = 0, **call):
+    """A forward's output and its record (passes per token, gate values)."""
+    records: dict = {}
+    out = model(idx, cache, start, call=Call(records=records, **call))
+    return out, records["ponder"]
+
+
 def varied(model: PonderModel, idx: torch.Tensor) -> torch.Tensor:
     """The passes of a forward, checked to differ between tokens and rows (else the tests that
     use it could not fail for the right reason)."""
     with torch.no_grad():
-        model(idx)
-    passes = model.record.passes
+        passes = recorded(model, idx)[1].passes
     assert len(set(passes.flatten().tolist())) >= 3, passes
     assert not all(torch.equal(passes[0], row) for row in passes[1:]), passes
     return passes
@@ -102,12 +109,12 @@ def test_one_pass_is_the_backbone_and_open_gates_are_ponderlm(name: str) -> None
         fixed = PonderModel(bb, PonderConfig(passes=3, halting="none"))
         close(fixed(idx).logits, expected, 1e-6)
         gated = ponder(bb, passes=3)
-        with gated.dense_reference():  # every gate forced open
-            close(gated(idx).logits, expected, 1e-6)
+        close(gated.dense_reference()(idx).logits, expected, 1e-6)  # every gate forced open
         for gate in gated.gates:  # gates that output exactly 1 pass the embedding unscaled
             gate[-1].bias.fill_(100.0)
-        close(gated(idx).logits, expected, 1e-6)
-        assert bool((gated.record.passes == 3).all())
+        out, record = recorded(gated, idx)
+        close(out.logits, expected, 1e-6)
+        assert bool((record.passes == 3).all())
 
 
 def test_halting_is_monotonic_and_follows_the_gates() -> None:
@@ -119,11 +126,10 @@ def test_halting_is_monotonic_and_follows_the_gates() -> None:
         for closed, expected in ((0, 1), (1, 2)):
             for j, gate in enumerate(model.gates):
                 gate[-1].bias.fill_(-100.0 if j == closed else 100.0)
-            model(idx)
-            assert bool((model.record.passes == expected).all())
+            assert bool((recorded(model, idx)[1].passes == expected).all())
         model = ponder(backbone(), passes=4)
         passes = varied(model, idx)
-        first = model.record.gates[0].view(2, 9)  # pass 0 runs every token, in order
+        first = recorded(model, idx)[1].gates[0].view(2, 9)  # pass 0 runs every token, in order
         assert torch.equal(passes > 1, first >= model.tau)
 
 
@@ -139,13 +145,15 @@ def test_sparse_path_equals_the_masked_reference_forward_and_backward(name: str)
     for model in (sparse, dense):
         model.set_trainable(from_scratch=True)
         model.zero_grad()
-        loss, _ = model.training_loss(idx, y, step=10**6)  # CE + bottom-k, k fully warmed up
+        loss = model.training_loss(idx, y, step=10**6).loss  # CE + bottom-k, k fully warmed up
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
     with torch.no_grad():
-        close(sparse(idx).logits, dense(idx).logits)
-        assert torch.equal(sparse.record.passes, dense.record.passes)
+        (sparse_out, sparse_record), (dense_out, dense_record) = (recorded(sparse, idx),
+                                                                  recorded(dense, idx))
+        close(sparse_out.logits, dense_out.logits)
+        assert torch.equal(sparse_record.passes, dense_record.passes)
     assert grads[0].keys() == grads[1].keys() and any(k.startswith("gates") for k in grads[0])
     for key in grads[0]:
         close(grads[0][key], grads[1][key])
@@ -166,12 +174,12 @@ def test_cached_decoding_equals_recomputation(name: str, halting: str) -> None:
     with torch.no_grad():
         full = model(idx).logits
         cache = model.new_cache(3, 14)
-        parts, depth = [model(idx[:, :5], cache, 0).logits], [model.token_depth()]
+        depth: list = []
+        parts = [model(idx[:, :5], cache, 0, call=Call(depth=depth)).logits]
         for t in range(5, 14):
-            parts.append(model(idx[:, t:t + 1], cache, t).logits)
-            depth.append(model.token_depth())
+            parts.append(model(idx[:, t:t + 1], cache, t, call=Call(depth=depth)).logits)
         close(torch.cat(parts, 1), full)
-        assert torch.equal(torch.cat(depth, 1), passes)
+        assert torch.equal(torch.cat(depth, 1), passes.float())
         cached = generate(model, idx[:, :4], 8, temperature=0.0)
         recomputed = generate(model, idx[:, :4], 8, temperature=0.0, use_cache=False)
     assert torch.equal(cached, recomputed)
@@ -218,8 +226,8 @@ def test_fixed_schedules_reach_their_average_passes() -> None:
     assert 0.45 < draws.mean().item() < 0.55 and draws.min() >= 0 and draws.max() < 1
     model = PonderModel(backbone(), PonderConfig(halting="geometric", schedule_passes=2.5))
     with torch.no_grad():
-        model(tokens(16, 64))
-    assert model.record.passes.float().mean().item() == pytest.approx(2.5, abs=0.1)
+        passes = recorded(model, tokens(16, 64))[1].passes
+    assert passes.float().mean().item() == pytest.approx(2.5, abs=0.1)
 
 
 def test_measure_counts_the_passes_that_ran() -> None:
@@ -230,9 +238,9 @@ def test_measure_counts_the_passes_that_ran() -> None:
     with torch.no_grad():
         for j, gate in enumerate(model.gates):
             gate[-1].bias.fill_(100.0 if j == 0 else -100.0)
-        with model.measure() as m:
-            model(tokens(2, 16))
-            model(tokens(3, 8))
+        runner, m = model.measured()
+        runner(tokens(2, 16))
+        runner(tokens(3, 8))
     summary = m.summary()
     assert summary["avg_passes"] == 2.0 and summary["passes_histogram"] == [0, 56, 0, 0]
     context = 5.0

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from adadepth.studies import ponder as study
-from adadepth.studies.ponder import Recipe, Track, average_ranks, spearman
+from adadepth.studies.ponder import PonderRecipe, Track
+from adadepth.studies.ponder_analysis import average_ranks, spearman
+from adadepth.studies.runner import run
+from adadepth.studies.shape import StudyOptions
 
-SMALL = Recipe(
+SMALL = PonderRecipe(
     "tiny-shakespeare", "char", 16, 4,
     (Track("cpt", preset="tiny", model={"d_model": 32, "n_layers": 1, "n_heads": 2,
                                         "d_ff": 64, "max_seq_len": 128},
@@ -37,7 +40,8 @@ def test_study_runs_every_arm_and_writes_a_filled_report(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(study.RECIPES, "tiny", SMALL)
     out = tmp_path / "study"
-    results = study.run_study("tiny", 2, out, device="cpu", workers=1, show_progress=False)
+    options = StudyOptions(seeds=2, device="cpu", workers=1, show_progress=False)
+    results = run(study.Ponder(options), out)
     assert {(r["arm"], r["seed"]) for r in results["runs"]} == {
         (arm, seed) for arm in ARMS for seed in range(2)}
     runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
@@ -63,5 +67,5 @@ def test_study_runs_every_arm_and_writes_a_filled_report(tmp_path: Path,
         assert (out / png).stat().st_size > 1000, png
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
-    study.run_study("tiny", 2, out, device="cpu", workers=1, show_progress=False)
+    run(study.Ponder(options), out)
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}

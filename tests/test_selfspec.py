@@ -19,7 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import adadepth.generate as gen
 from adadepth.cli import main
-from adadepth.depth.selfspec import SelfSpec, SelfSpecConfig, distill
+from adadepth.depth import selfspec_search as search
+from adadepth.depth.kangaroo import distill
+from adadepth.depth.selfspec import SelfSpec, SelfSpecConfig
+from adadepth.depth.selfspec_drafter import SelfSpecSpeculator
 from adadepth.errors import UserError
 from adadepth.generate import Round, Sampler, generate, generate_many, speculative
 from adadepth.hf.adapters import HFAdapter
@@ -69,22 +72,26 @@ DRAFTERS = [  # (options, the layers the draft leaves out or exits before)
 
 @pytest.mark.parametrize("options, quiet", DRAFTERS)
 @pytest.mark.parametrize("threshold", [0.0, 0.6])
-def test_greedy_is_exactly_the_dense_models(options: dict, quiet: list[int],
-                                            threshold: float) -> None:
+def test_greedy_is_exactly_the_dense_models(options: dict, quiet: list[int], threshold: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch of 3 prompts of lengths 3, 8 and 5, 24 new tokens, 49,152-token vocabulary; the
     dense reference decodes each prompt alone."""
     bb = llama(BIG_V, quiet)
     model = with_live_adapter(SelfSpec(bb, SelfSpecConfig(
         threshold=threshold, draft_tokens=3, draft_vocab=0, **options)).eval())
     kept: list[list[int]] = []
-    observe = model.observe
-    model.observe = lambda accepted, active: (kept.append(accepted[active].tolist()),
-                                              observe(accepted, active))
+    runner, m = model.measured()
+    observe = SelfSpecSpeculator.observe
+
+    def watched(self, accepted: Tensor, active: Tensor) -> None:
+        kept.append(accepted[active].tolist())
+        observe(self, accepted, active)
+
+    monkeypatch.setattr(SelfSpecSpeculator, "observe", watched)
     with torch.no_grad():
         expected = [generate(bb, torch.tensor([p]), 24, temperature=0.0)[0].tolist()
                     for p in PROMPTS]
-        with model.measure() as m:
-            got = generate_many(model, PROMPTS, 24, temperature=0.0)
+        got = generate_many(runner, PROMPTS, 24, temperature=0.0)
     assert got == expected
     rate = m.summary()["acceptance_rate"]
     assert 0 < rate < 1  # drafts were both kept and rejected ...
@@ -103,13 +110,14 @@ def test_draft_length_follows_the_drafts_confidence() -> None:
         bb.hf.lm_head.weight.mul_(60)  # peaked distributions: confidences that vary
     expected = generate(bb, torch.tensor(PROMPTS[:1]), 30, temperature=0.0)
     probe = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1], draft_vocab=0)).eval()
-    _, conf = probe.teacher_forced(expected)
+    _, conf = search.teacher_forced(probe, expected)
     drafted = {}
     for threshold in (1.0, 0.0, float(conf.median())):
         model = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1], threshold=threshold,
                                             draft_tokens=4, draft_vocab=0)).eval()
-        with torch.no_grad(), model.measure() as m:
-            got = generate_many(model, PROMPTS[:1], 30, temperature=0.0)
+        runner, m = model.measured()
+        with torch.no_grad():
+            got = generate_many(runner, PROMPTS[:1], 30, temperature=0.0)
         assert got[0] == expected[0].tolist()
         drafted[threshold] = m.summary()["drafted_per_round"]
     median = float(conf.median())
@@ -127,17 +135,17 @@ def test_the_searchs_acceptance_is_what_a_round_drafts() -> None:
                                         draft_tokens=1, draft_vocab=0)).eval()
     windows = torch.randint(0, BIG_V, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ref = model.reference(windows, cache=True)
-        agree, conf = model.first_draft(windows, ref, chunk=5)
+        ref = search.reference(model, windows, cache=True)
+        agree, conf = search.first_draft(model, windows, ref, chunk=5)
         for w in range(2):
             for t in range(12):
                 cache = model.new_cache(1, 14)
                 if t:
                     model(windows[w:w + 1, :t], cache, 0)
                 rnd = Round(windows[w:w + 1, t:t + 1], torch.tensor([t]), None, 1, Sampler())
-                token = model.draft(rnd, cache).tokens[0, 0]
+                token = model.speculator.draft(rnd, cache).tokens[0, 0]
                 assert bool(token == ref.target[w, t]) == bool(agree[w, t])
-        teacher, _ = model.teacher_forced(windows, ref)
+        teacher, _ = search.teacher_forced(model, windows, ref)
     assert agree.any() and not agree.all()
     assert not torch.equal(teacher, agree)
     assert bool(((conf > 0) & (conf <= 1)).all())
@@ -153,8 +161,8 @@ def test_the_draft_vocabulary_is_a_subset_and_still_exact() -> None:
                     for p in PROMPTS]
         model.choose_vocab(torch.tensor([row[:27] for row in expected]))
         assert len(model.vocab) == 512 and not model.full_vocab
-        with model.measure() as m:
-            got = generate_many(model, PROMPTS, 24, temperature=0.0)
+        runner, m = model.measured()
+        got = generate_many(runner, PROMPTS, 24, temperature=0.0)
     assert got == expected
     assert m.summary()["acceptance_rate"] > 0.3  # the text's own tokens are in the subset
 
@@ -174,7 +182,7 @@ def test_the_cache_left_behind_is_the_dense_models(options: dict, quiet: list[in
         logits = model(idx, cache, 0).logits
         cache.truncate(lengths)
         logits = logits[torch.arange(3), lengths - 1]
-        out = speculative(model, cache, logits, lengths, n, Sampler())
+        out = speculative(model.speculator, cache, logits, lengths, n, Sampler())
         for row in range(3):
             seq = torch.cat([idx[row, :lengths[row]], out[row, :-1]]).unsqueeze(0)
             fed = seq.shape[1]  # the last new token is never fed
@@ -220,16 +228,17 @@ def target_distribution(bb: HFAdapter, prompt: list[int], sample: Sampler) -> Te
     return probs.gather(2, grid.unsqueeze(-1)).squeeze(-1).prod(1)
 
 
-def sampled_counts(model: SelfSpec, prompt: list[int], sample: Sampler, rows: int,
+def sampled_counts(model: torch.nn.Module, prompt: list[int], sample: Sampler, rows: int,
                    batches: int) -> Tensor:
     counts = torch.zeros(SMALL_V ** NEW)
     weights = SMALL_V ** torch.arange(NEW - 1, -1, -1)
     with torch.no_grad():
         for _ in range(batches):
             idx = torch.tensor([prompt] * rows)
-            cache = model.new_cache(rows, len(prompt) + NEW + model.draft_tokens + 1)
+            speculator = model.speculator
+            cache = model.new_cache(rows, len(prompt) + NEW + speculator.draft_tokens + 1)
             logits = model(idx, cache, 0).logits[:, -1]
-            out = speculative(model, cache, logits, len(prompt), NEW, sample)
+            out = speculative(speculator, cache, logits, len(prompt), NEW, sample)
             counts += torch.bincount((out * weights).sum(1), minlength=len(counts))
     return counts
 
@@ -261,8 +270,8 @@ def test_speculative_sampling_keeps_the_target_distribution(
     sample = Sampler(temperature=1.0, top_k=top_k, generator=torch.Generator().manual_seed(7))
     target = target_distribution(bb, prompt, sample)
     assert float(target.sum()) == pytest.approx(1.0, abs=1e-5)
-    with model.measure() as m:
-        counts = sampled_counts(model, prompt, sample, rows=2000, batches=12)
+    runner, m = model.measured()
+    counts = sampled_counts(runner, prompt, sample, rows=2000, batches=12)
     rate = m.summary()["acceptance_rate"]
     assert 0.2 < rate < 0.95  # the draft differs from the target: rejections do happen
     assert chi_square_p(counts, target) > 1e-3
@@ -308,9 +317,10 @@ def test_distillation_trains_only_the_adapter_and_lowers_the_kl() -> None:
     x = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
     losses = []
     for step in range(30):
-        loss, metrics = model.training_loss(x[:, :-1], x[:, 1:], step)
+        step_loss = model.training_loss(x[:, :-1], x[:, 1:], step)
+        metrics = step_loss.metrics
         opt.zero_grad()
-        loss.backward()
+        step_loss.loss.backward()
         opt.step()
         losses.append(metrics["kl"])
     assert losses[-1] < 0.7 * losses[0]
@@ -436,7 +446,9 @@ def test_eval_generate_and_bench_read_the_run(runs_dir: dict[str, Path], drafter
                  "--temperature", "0", "--num-samples", "2"]) == 0
     err = capsys.readouterr().err
     compute = json.loads(err.split("compute: ", 1)[1].splitlines()[0])
-    assert 0 <= compute["acceptance_rate"] <= 1 and compute["tokens_per_s"] > 0
+    speed = json.loads(err.split("speed: ", 1)[1].splitlines()[0])
+    assert 0 <= compute["acceptance_rate"] <= 1 and speed["tokens_per_s"] > 0
+    assert speed["new_tokens"] == 2 * 12
     assert main(["bench", str(run), "--settings", "1,3", "--prefill-batch", "2",
                  "--prefill-len", "16", "--decode-batches", "1,2", "--decode-tokens", "6",
                  "--reps", "1", "--out", str(tmp_path)]) == 0

@@ -14,6 +14,7 @@ from test_cli import assert_user_error
 from adadepth import flops as fl
 from adadepth.cli import main
 from adadepth.config import ModelConfig
+from adadepth.depth.dispatch import Call
 from adadepth.depth.static_skip import StaticSkip, StaticSkipConfig
 from adadepth.errors import UserError
 from adadepth.generate import generate
@@ -64,11 +65,13 @@ def test_budget_rounding_and_an_unreachable_budget() -> None:
     dense = fl.forward_per_token(bb.cfg, ctx)
     per_layer = (sum(dense.values()) - dense["lm_head"]) / 4
     layer_share = per_layer / sum(dense.values())  # a little under 1/4: the head costs too
-    nearest = StaticSkip(bb, StaticSkipConfig())
-    at_most = StaticSkip(bb, StaticSkipConfig(rounding="at_most"))
+    nearest = StaticSkip(bb, StaticSkipConfig(budget_of="model"))
+    at_most = StaticSkip(bb, StaticSkipConfig(rounding="at_most", budget_of="model"))
     assert nearest.skip_count(0.75, ctx) == 1 and at_most.skip_count(0.75, ctx) == 2
     assert at_most.skip_count(1 - layer_share, ctx) == 1
     assert nearest.skip_count(0.05, ctx) == 4
+    of_stack = StaticSkip(bb, StaticSkipConfig(rounding="at_most"))  # a quarter is one layer
+    assert of_stack.skip_count(0.75, ctx) == 1
     keep = StaticSkip(bb, StaticSkipConfig(rounding="at_most", keep=[0]))
     with pytest.raises(UserError, match="cannot be met"):
         keep.skip_count(0.2, ctx)
@@ -97,14 +100,17 @@ def test_measure_counts_the_layers_run_and_save_load_keeps_them() -> None:
     ctx = fl.causal_context(10)
     dense = fl.forward_per_token(model.cfg, ctx)
     per_layer = (sum(dense.values()) - dense["lm_head"]) / 4
-    with torch.no_grad(), model.measure() as m:
-        model(tokens(2, 10))
+    runner, m = model.measured()
+    with torch.no_grad():
+        runner(tokens(2, 10))
     assert m.summary()["layers_run"] == 2
     assert m.flops_per_token(ctx) == pytest.approx(dense["lm_head"] + 2 * per_layer)
-    with torch.no_grad(), model.dense_reference(), model.measure() as m:
-        model(tokens(2, 10))
+    depth: list = []
+    runner, m = model.measured(Call(force=True, depth=depth))  # the dense reference
+    with torch.no_grad():
+        runner(tokens(2, 10))
     assert m.flops_per_token(ctx) == pytest.approx(model.reference_flops_per_token(ctx))
-    assert model.token_depth().unique().tolist() == [4]
+    assert depth[0].unique().tolist() == [4]
     loaded = StaticSkip(four_layers(idle=1), StaticSkipConfig(budget=0.5))
     loaded.load_method_state(model.method_state())
     assert loaded.skipped_layers() == model.skipped_layers() and len(loaded.kept) == 2
@@ -168,8 +174,27 @@ def test_the_leaderboard_reads_flops_from_what_ran() -> None:
 
     model = StaticSkip(four_layers(), StaticSkipConfig()).eval()
     model.set_skipped([1, 3])
-    _, fraction, summary, depth = decode_eval(model, tokens(3, 17, seed=6))
+    result = decode_eval(model, tokens(3, 17, seed=6))
+    fraction, summary, depth = result.flops_fraction, result.summary, result.depth
     dense = fl.forward_per_token(model.cfg, fl.causal_context(16))
     total = sum(dense.values())
     assert fraction == pytest.approx((dense["lm_head"] + (total - dense["lm_head"]) / 2) / total)
     assert summary["layers_run"] == 2 and torch.equal(depth[0], torch.full((3, 16), 2))
+
+
+def test_a_budget_means_the_layer_stack_when_the_head_dominates() -> None:
+    """A large vocabulary at a small width: the head is most of the FLOPs. A budget of 0.75
+    skips a quarter of the layer stack (the default, what a user means), where a budget of the
+    whole model would skip nearly every layer; reports give both fractions."""
+    cfg = ModelConfig(vocab_size=20_000, d_model=32, n_layers=8, n_heads=4, d_ff=64,
+                      max_seq_len=64)
+    dense = fl.forward_per_token(cfg, fl.causal_context(16))
+    assert dense["lm_head"] > 0.6 * sum(dense.values())
+    stack = StaticSkip(Transformer(cfg), StaticSkipConfig(budget=0.75))
+    whole = StaticSkip(Transformer(cfg), StaticSkipConfig(budget=0.75, budget_of="model"))
+    assert stack.skip_count(0.75, fl.causal_context(16)) == 2
+    assert whole.skip_count(0.75, fl.causal_context(16)) == 8
+    stack.set_skipped([1, 2])
+    fractions = stack.fractions(fl.causal_context(16))
+    assert fractions["flops_fraction_stack"] == pytest.approx(0.75)
+    assert 0.9 < fractions["flops_fraction"] < 1.0

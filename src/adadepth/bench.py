@@ -1,8 +1,8 @@
 """`adadepth bench`: any method's measured wall-clock speedup over its dense reference, beside
 the ideal speedup from the analytic FLOPs of what really ran.
 
-The reference is the method's own (`Method.dense_reference`: routing puts the original FFNs
-back, pondering runs every pass, ...) on the same weights in the same memory. Each round times
+The reference is the method's own (`Method.dense_reference`: every routed FFN full, every pass
+of a looped model, no exit, ...) on the same weights in the same memory. Each round times
 the reference and then the method at every setting of its cost knob, in one process, so drift
 of a shared machine hits all of them alike; the first round is a warm-up, and also measures
 what each setting really ran (untimed, under `Method.measure`). Tokens/s are medians over the
@@ -92,12 +92,12 @@ def timed(job: Job, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def measured(model: Method, job: Job) -> tuple[Any, dict[str, Any]]:
-    """Run a job untimed under the method's measurement: (its Measurement, its summary)."""
-    setup, body = job
+def measured(model: Method, make: Callable[[torch.nn.Module], Job]) -> tuple[Any, dict[str, Any]]:
+    """Run a job untimed on a counting copy of the method: (its Measurement, its summary)."""
+    runner, m = model.measured()
+    setup, body = make(runner)
     setup()
-    with model.measure() as m:
-        body()
+    body()
     return m, m.summary()
 
 
@@ -111,24 +111,26 @@ class Timing:
 
 def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
                 settings: dict[float, Callable[[], None]], reps: int, device: torch.device,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> Timing:
+                wrap: Callable[[torch.nn.Module], torch.nn.Module],
+                reference: torch.nn.Module | None = None) -> Timing:
     """Timed in rounds after one warm-up round: median seconds of the reference and of each
     setting, and per setting the median over rounds of reference/method within the same round
-    (a pair timed seconds apart shares the machine's state, so drift between rounds cancels)."""
+    (a pair timed seconds apart shares the machine's state, so drift between rounds cancels).
+    The reference is the method's dense one unless another model is given."""
     runner = wrap(model)
+    dense = wrap(model.dense_reference() if reference is None else reference)
     reference: list[float] = []
     times: dict[float, list[float]] = {v: [] for v in settings}
     measurements: dict[float, Any] = {}
     for rnd in range(reps + 1):
-        with model.dense_reference():
-            t = timed(make(runner), device)
+        t = timed(make(dense), device)
         if rnd:
             reference.append(t)
         order = list(settings) if rnd % 2 else list(reversed(settings))
         for value in order:
             settings[value]()
             if rnd == 0:
-                measurements[value] = measured(model, make(model))
+                measurements[value] = measured(model, make)
             t = timed(make(runner), device)
             if rnd:
                 times[value].append(t)
@@ -139,9 +141,12 @@ def interleaved(model: Method, make: Callable[[torch.nn.Module], Job],
 
 
 def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
-              device: torch.device, log: Callable[[str], None] = print) -> dict[str, Any]:
+              device: torch.device, log: Callable[[str], None] = print,
+              reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """Rows of {phase, batch, knob setting, tokens/s of reference and method, ideal and measured
-    speedup, what the method realised}."""
+    speedup, what the method realised}. `reference`: the model timed against, when not the
+    method's own dense reference (the leaderboard times every method against the backbone);
+    the ideal speedups are then against the dense backbone's FLOPs."""
     if model.knob is None:
         raise UserError(f"method {model.name!r} has no cost knob to bench")
     model.eval()
@@ -155,17 +160,19 @@ def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
                 x = text[:spec.prefill_batch, :spec.prefill_len]
                 log(f"prefill {tuple(x.shape)}{' compiled' if compiled else ''}")
                 timing = interleaved(model, lambda m, x=x: prefill(m, x), settings, spec.reps,
-                                     device, wrap)
+                                     device, wrap, reference)
                 rows += make_rows(model, "prefill", x.numel(), x.shape[0],
-                                  fl.causal_context(spec.prefill_len), timing, compiled)
+                                  fl.causal_context(spec.prefill_len), timing, compiled,
+                                  reference is not None)
                 for batch in spec.decode_batches:
                     log(f"decode batch {batch}{' compiled' if compiled else ''}")
                     prompt = text[:batch, :DECODE_PROMPT]
                     timing = interleaved(model, lambda m, p=prompt: decode_job(
-                        m, p, spec.decode_tokens), settings, spec.reps, device, wrap)
+                        m, p, spec.decode_tokens), settings, spec.reps, device, wrap,
+                        reference)
                     context = DECODE_PROMPT + (spec.decode_tokens + 1) / 2
                     rows += make_rows(model, "decode", batch * spec.decode_tokens, batch,
-                                      context, timing, compiled)
+                                      context, timing, compiled, reference is not None)
     finally:
         restore()
     return {"method": model.name, "knob": model.knob.name, "rows": rows,
@@ -175,8 +182,10 @@ def run_bench(model: Method, text: Tensor, calib: Tensor, spec: BenchSpec,
 
 
 def make_rows(model: Method, phase: str, tokens: int, batch: int, context: float,
-              timing: Timing, compiled: bool) -> list[dict[str, Any]]:
-    reference_flops = model.reference_flops_per_token(context)
+              timing: Timing, compiled: bool, against_backbone: bool = False,
+              ) -> list[dict[str, Any]]:
+    reference_flops = (model.dense_flops_per_token(context) if against_backbone
+                       else model.reference_flops_per_token(context))
     rows = []
     for value, seconds in timing.method_s.items():
         measurement, summary = timing.measurements[value]
@@ -275,15 +284,14 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 def heldout_windows(data, rows: int, length: int, calib_rows: int,
                     calib_len: int) -> tuple[Tensor, Tensor]:
-    """Timed text from the start of the validation split, calibration windows from its end."""
-    val = data.split("val")
-    need = rows * length + calib_rows * calib_len
-    if len(val) < need:
-        raise UserError(f"the validation split has {len(val)} tokens; the benchmark needs "
-                        f"{need} (lower --prefill-batch or --prefill-len)")
-    text = torch.from_numpy(val[:rows * length].astype("int64")).view(rows, length)
-    calib = val[len(val) - calib_rows * calib_len:].astype("int64")
-    return text, torch.from_numpy(calib).view(calib_rows, calib_len)
+    """Timed text (odd windows of the validation split) and calibration windows (even ones):
+    different text from the same distribution."""
+    need = 2 * max(rows * length, calib_rows * calib_len)
+    calib, text = data.halves("val", max(length, calib_len), max(rows, calib_rows))
+    if len(text) < rows or len(calib) < calib_rows:
+        raise UserError(f"the validation split has {len(data.split('val'))} tokens; the "
+                        f"benchmark needs about {need} (lower --prefill-batch or --prefill-len)")
+    return text[:rows, :length], calib[:calib_rows, :calib_len]
 
 
 def check_settings(model: Method, values: list[float], text: str) -> None:
@@ -299,7 +307,7 @@ def check_settings(model: Method, values: list[float], text: str) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     from adadepth.data import load_corpus, prepare_tokens
-    from adadepth.runs import load_run
+    from adadepth.runs import load_model
     from adadepth.train.loop import resolve_device
 
     decode_batches = tuple(parse_list(args.decode_batches, int, "decode-batches"))
@@ -307,7 +315,7 @@ def run_cli(args: argparse.Namespace) -> None:
         raise UserError("--decode-batches must be positive")
     device = resolve_device(args.device)
     run_dir = Path(args.run)
-    loaded = load_run(run_dir, str(device))
+    loaded = load_model(run_dir, str(device))
     model = loaded.model
     if not isinstance(model, Method) or model.knob is None:
         raise UserError(f"{run_dir} is a {loaded.meta.get('kind')!r} run; bench needs the run of "

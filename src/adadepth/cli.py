@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
-from adadepth.config import apply_overrides, load_yaml
+from adadepth.config import apply_overrides, load_yaml, merge
 from adadepth.errors import UserError
 
 
@@ -32,15 +32,8 @@ def positive_int(text: str) -> int:
 def config_dict(args: argparse.Namespace, base: dict, flags: dict | None = None) -> dict:
     """Defaults < --config YAML < explicit flags < key=value overrides."""
     if getattr(args, "config", None):
-        base = _merge(base, load_yaml(args.config))
-    return apply_overrides(_merge(base, flags or {}), args.overrides)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        base = merge(base, load_yaml(args.config))
+    return apply_overrides(merge(base, flags or {}), args.overrides)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -62,13 +55,60 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                       "wall_s": round(result.wall_s, 1)}))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from adadepth.eval import evaluate_run
+# The options of one kind of `eval` only: given to the other, refused rather than ignored.
+TEXT_EVAL_OPTIONS, TASK_EVAL_OPTIONS = ("corpus", "block_size", "batches"), (
+    "include_path", "limit", "num_fewshot")
 
-    result = evaluate_run(Path(args.run), corpus=args.corpus, block_size=args.block_size,
-                          batch_size=args.batch_size, max_batches=args.batches,
-                          device=args.device)
-    print(json.dumps(result, indent=2))
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from adadepth.eval import evaluate_run, evaluate_tasks
+
+    unread = TEXT_EVAL_OPTIONS if args.tasks else TASK_EVAL_OPTIONS
+    for option in unread:
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option.replace('_', '-')} "
+                            f"{'is not read with --tasks' if args.tasks else 'needs --tasks'}")
+    out = Path(args.out) if args.out else None
+    if not args.tasks:
+        result = evaluate_run(Path(args.run), corpus=args.corpus, block_size=args.block_size,
+                              batch_size=args.batch_size, max_batches=args.batches,
+                              device=args.device, out=out)
+        print(json.dumps(result, indent=2))
+        return
+    include = Path(args.include_path) if args.include_path else None
+    result = evaluate_tasks(args.run, args.tasks, include, args.limit, args.num_fewshot,
+                            args.batch_size, args.device, out)
+    print(json.dumps(rounded(result), indent=2))
+
+
+def task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no task named")
+    return names
+
+
+def limit_value(text: str) -> int | float:
+    """lm-eval's --limit: a count of examples per task, or a fraction of each below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text} is neither a count >= 1 nor a fraction in (0, 1)")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def rounded(value):
@@ -85,15 +125,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from adadepth.depth import Method
+    from adadepth.depth.dispatch import Call
     from adadepth.generate import generate
-    from adadepth.runs import load_run
+    from adadepth.runs import load_model
     from adadepth.train.loop import resolve_device
 
     device = resolve_device(args.device)
-    loaded = load_run(Path(args.run), str(device))
+    loaded = load_model(args.run, str(device))
     ids = loaded.tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty after tokenization")
+    if loaded.tokenizer.bos_id is not None:  # as the model's tokenizer starts a document
+        ids = [loaded.tokenizer.bos_id, *ids]
     if len(ids) + args.max_new_tokens > loaded.model.cfg.max_seq_len:
         raise UserError(f"prompt ({len(ids)} tokens) plus --max-new-tokens exceeds the model's "
                         f"context of {loaded.model.cfg.max_seq_len}")
@@ -104,11 +147,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.show_depth and not adaptive:
         raise UserError(f"{args.run} is a dense model: every token gets every layer, there is "
                         "no depth to show")
-    depth: list = [] if args.show_depth else None
-    with contextlib.ExitStack() as stack:
-        measurement = stack.enter_context(model.measure()) if adaptive else None
-        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k,
-                       generator=gen, depth=depth)
+    depth: list = []
+    runner, measurement = (model.measured(Call(depth=depth if args.show_depth else None))
+                           if adaptive else (model, None))
+    t0 = time.perf_counter()
+    out = generate(runner, idx, args.max_new_tokens, args.temperature, args.top_k,
+                   generator=gen)
+    seconds = time.perf_counter() - t0
     for b, row in enumerate(out.tolist()):
         if depth:
             print(show_depth(model, loaded.tokenizer, row, depth, b, not args.no_color))
@@ -117,6 +162,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("---")
     if measurement is not None:  # what the adaptive model really ran (prompt included)
         print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
+    new_tokens = args.max_new_tokens * args.num_samples
+    speed = {"new_tokens": new_tokens, "seconds": seconds,  # the prompt's prefill included
+             "tokens_per_s": new_tokens / max(seconds, 1e-9)}
+    print(f"speed: {json.dumps(rounded(speed))}", file=sys.stderr)
 
 
 def show_depth(model, tokenizer, ids: list[int], depth: list, row: int, colour: bool) -> str:
@@ -144,27 +193,22 @@ def aux_list(text: str) -> list[str]:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-    from adadepth.config import validate
-    from adadepth.jobs.route import RouteConfig, route
-
-    routing = {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
-                                 ("aux", args.aux), ("oracle", args.oracle)) if v is not None}
-    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed),
-                               ("parallel", args.parallel)) if v is not None}
-    flags = {"backbone": args.backbone, "routing": routing, "train": train}
-    base = RouteConfig(backbone=args.backbone).model_dump()
-    cfg = validate(RouteConfig, config_dict(args, base, flags))
-    metrics = route(cfg, Path(args.out), resume=args.resume)
-    keys = ("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
-            "full_fraction_causal", "flops_proxy", "wall_s")
-    print(json.dumps({k: metrics[k] for k in keys}))
+    """`adadepth route`: fit with the method fixed to routing (its flags go to its section)."""
+    args.method = "routing"
+    args.preset = args.corpus = args.tokenizer = None
+    cmd_fit(args, {k: v for k, v in (("gate", args.gate), ("budget", args.budget),
+                                     ("aux", args.aux), ("oracle", args.oracle))
+                   if v is not None},
+            shown=("gate", "budget", "avg_lm", "best_lm", "endpoint_lm", "val_lm_causal",
+                   "full_fraction_causal", "flops_proxy", "wall_s"))
 
 
-def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
-    from adadepth.jobs.fit import FitConfig, fit, fit_config
+def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None,
+            shown: tuple[str, ...] | None = None) -> None:
+    """Train; print the run's figures as one JSON line (`shown`: these, else every number)."""
+    from adadepth.jobs.fit import fit, fit_config, fit_defaults
 
-    defaults = FitConfig(method=args.method).model_dump()  # the job's own training defaults
-    base = {k: defaults[k] for k in ("optim", "train")}
+    base = fit_defaults(args.method)  # the job's training defaults, and the method's own
     given = (("backbone", args.backbone), ("preset", args.preset))
     flags: dict = {"method": args.method, **{k: v for k, v in given if v is not None}}
     data = {k: v for k, v in (("corpus", args.corpus), ("tokenizer", args.tokenizer))
@@ -179,8 +223,11 @@ def cmd_fit(args: argparse.Namespace, method_flags: dict | None = None) -> None:
         flags[args.method] = method_flags
     cfg = fit_config(config_dict(args, base, flags))
     metrics = fit(cfg, Path(args.out), resume=args.resume)
-    print(json.dumps(rounded({k: v for k, v in metrics.items()
-                              if isinstance(v, int | float | str) or v is None})))
+    if shown is not None:
+        print(json.dumps({k: metrics.get(k) for k in shown}))
+    else:
+        print(json.dumps(rounded({k: v for k, v in metrics.items()
+                                  if isinstance(v, int | float | str) or v is None})))
 
 
 TUNE_METHODS = ("ensemble", "lora", "ensemble+lora", "full")
@@ -212,9 +259,18 @@ def cmd_backbone(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from adadepth.studies import run_study
+    from adadepth.bench import parse_list
+    from adadepth.studies import StudyOptions, run_study
 
-    run_study(args)
+    options = StudyOptions(
+        preset=args.preset, seeds=args.seeds, out=Path(args.out) if args.out else None,
+        device=args.device, workers=args.workers, report_only=args.report_only,
+        steps=args.steps, ablations=args.ablations, corpus=args.corpus,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.methods else None,
+        budgets=tuple(parse_list(args.budgets, float, "budgets")) if args.budgets else None,
+        compare=tuple(args.compare))
+    print(json.dumps(run_study(args.name, options)))
 
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -255,13 +311,25 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 train.batch_size=8")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="validation loss, perplexity, bits per token/char")
-    p.add_argument("run")
+    p = sub.add_parser("eval", help="validation loss, perplexity, bits per token/char; or "
+                       "lm-eval tasks (--tasks)")
+    p.add_argument("run", help="a run folder, a transformers model directory, or a known "
+                   "backbone such as smollm2-135m")
     p.add_argument("--corpus")
     p.add_argument("--block-size", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--batches", type=positive_int, help="at most this many batches")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tasks", type=task_list, help="lm-evaluation-harness tasks instead, comma "
+                   "list (hellaswag,arc_easy; globs and task YAML files too): writes lm-eval's "
+                   "results JSON to lm_eval.json")
+    p.add_argument("--include-path", help="with --tasks: a folder of local task YAMLs")
+    p.add_argument("--limit", type=limit_value, help="with --tasks: at most N examples per "
+                   "task (a fraction below 1: that share of each)")
+    p.add_argument("--num-fewshot", type=non_negative_int,
+                   help="with --tasks: examples in each prompt (default: each task's own)")
+    p.add_argument("--out", help="where eval.json / lm_eval.json go (default: the run folder; "
+                   "for a transformers directory or known backbone, runs/eval-NAME)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text with the KV cache")
@@ -349,12 +417,14 @@ def build_parser() -> Parser:
                    "(default 0.5,0.75)")
     p.add_argument("--out", help="the study's folder (default runs/study-NAME)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=positive_int, help="runs at a time, each in a worker "
+                   "process of one thread (default: 2 on a CPU for ponder, else 1)")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS",
                    help="aux-losses: another scale's study folder or results.json for the "
-                   "across-scales table (repeatable; a clone's docs/studies/aux-losses-*/ are "
-                   "read anyway)")
+                   "across-scales table (repeatable; from a clone, e.g. "
+                   "docs/studies/aux-losses-small)")
     p.add_argument("--report-only", action="store_true",
-                   help="aux-losses: rewrite OUT/report.md from OUT/results.json, running "
+                   help="rewrite OUT/report.md and the plots from OUT/results.json, running "
                    "nothing")
     p.set_defaults(func=cmd_study)
     return parser

@@ -102,13 +102,11 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
 @torch.no_grad()
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None,
-             depth: list[Tensor] | None = None) -> Tensor:
+             generator: torch.Generator | None = None) -> Tensor:
     """Extend idx (B, T) by max_new_tokens. Without the cache every step recomputes the prefix.
 
-    With `depth` (a list), an adaptive model's `token_depth()` after each cached forward is
-    appended to it: (B, T) for the prompt, then (B, 1) per fed token (the last new token is
-    never fed, so it has none)."""
+    `model` is any model the run loaders return, or an adaptive one bound to a call
+    (`Method.measured(Call(depth=...))` counts what it ran and the depth each token got)."""
     total = idx.shape[1] + max_new_tokens
     max_len = model.cfg.max_seq_len
     if total > max_len:
@@ -122,11 +120,10 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: fl
     extra = speculator.draft_tokens + 1 if speculator is not None else 0
     cache = model.new_cache(idx.shape[0], min(max_len, total + extra))
     logits = model(idx, cache, 0).logits[:, -1]
-    record_depth(model, depth)
     if speculator is not None:
         new = speculative(speculator, cache, logits, idx.shape[1], max_new_tokens, sample)
     else:
-        new = decode(model, cache, logits, idx.shape[1], max_new_tokens, sample, depth)
+        new = decode(model, cache, logits, idx.shape[1], max_new_tokens, sample)
     return torch.cat([idx, new], dim=1)
 
 
@@ -161,16 +158,8 @@ def generate_many(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
     return [p + row for p, row in zip(prompts, new.tolist(), strict=True)]
 
 
-def record_depth(model: nn.Module, depth: list[Tensor] | None) -> None:
-    token_depth = getattr(model, "token_depth", None)
-    if depth is not None and callable(token_depth):
-        value = token_depth()
-        if value is not None:
-            depth.append(value.detach().float().cpu())
-
-
 def decode(model: nn.Module, cache: KVCache, logits: Tensor, start: int | Tensor, n: int,
-           sample: Sampler, depth: list[Tensor] | None = None) -> Tensor:
+           sample: Sampler) -> Tensor:
     """n tokens, one cached forward each, after a prefill that ended at position start - 1
     (an int, or (B,) for rows of different lengths)."""
     out = []
@@ -181,7 +170,6 @@ def decode(model: nn.Module, cache: KVCache, logits: Tensor, start: int | Tensor
             at = ({"start": start + step} if isinstance(start, int)
                   else {"positions": (start + step).unsqueeze(1)})
             logits = model(token, cache, **at).logits[:, -1]
-            record_depth(model, depth)
     return torch.cat(out, dim=1)
 
 

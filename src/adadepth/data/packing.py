@@ -25,11 +25,26 @@ PROGRESS_DOCS = 2000  # below this many documents a progress bar is noise
 
 @dataclass
 class TokenData:
-    """Train and validation token streams (memory-mapped) of one corpus and tokenizer."""
+    """Train and validation token streams (memory-mapped) of one corpus and tokenizer.
+
+    Every window cut from them starts as the tokenizer starts a document: with its
+    beginning-of-sequence token `bos` when it adds one (then a window holds one token less of
+    the stream, and its first target is the stream token the BOS precedes), else with no
+    special token at all."""
 
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
+    bos: int | None = None
+
+    def cut(self, data: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+        """Windows of `length` tokens from the stream offsets `starts`, (n, length)."""
+        if self.bos is None:
+            rows = data[starts[:, None] + np.arange(length)]
+        else:
+            body = data[starts[:, None] + np.arange(length - 1)]
+            rows = np.concatenate([np.full((len(starts), 1), self.bos, body.dtype), body], 1)
+        return torch.from_numpy(rows.astype(np.int64))
 
     def split(self, name: str) -> np.ndarray:
         """The token stream of split `name` ("train" or "val")."""
@@ -61,8 +76,7 @@ class TokenData:
         """Random windows `x` and next-token targets `y`, shape (batch_size, block_size)."""
         data = self._long_enough(split, block_size, batch_size)
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-        windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
-        windows = torch.from_numpy(windows.astype(np.int64))
+        windows = self.cut(data, starts.numpy(), block_size + 1)
         return windows[:, :-1], windows[:, 1:]
 
     def eval_batches(
@@ -74,12 +88,29 @@ class TokenData:
         n_batches = -(-n_windows // batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
-        offsets = np.arange(block_size + 1)
         for b in range(n_batches):
             first = b * batch_size
             starts = np.arange(first, min(first + batch_size, n_windows)) * block_size
-            windows = torch.from_numpy(data[starts[:, None] + offsets].astype(np.int64))
+            windows = self.cut(data, starts, block_size + 1)
             yield windows[:, :-1], windows[:, 1:]
+
+
+    def windows(self, split: str, length: int, count: int | None = None) -> torch.Tensor:
+        """The first `count` (default: every) consecutive non-overlapping windows of `length`
+        tokens of a split, (n, length); a window to score holds its targets: ask for block + 1.
+        Only the tokens asked for are read from the memory-mapped stream."""
+        data = self.split(split)
+        stride = length if self.bos is None else length - 1
+        n = len(data) // stride if stride > 0 else 0
+        if count is not None:
+            n = min(n, count)
+        return self.cut(data, np.arange(n) * stride, length)
+
+    def halves(self, split: str, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint sets of up to `count` windows: the even ones (to calibrate on) and the
+        odd ones (to measure on): different text from the same distribution."""
+        windows = self.windows(split, length, 2 * count)
+        return windows[0::2], windows[1::2]
 
 
 def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
@@ -88,6 +119,7 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
     folder = cache_dir() / "tokens" / key.hexdigest()[:16]
     data = _load(folder)
     if data is not None:
+        data.bos = tokenizer.bos_id
         return data
     folder.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -106,6 +138,7 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
     _atomic_write(folder / "meta.json", json.dumps(meta, indent=2).encode())
     data = _load(folder)
     assert data is not None, "a freshly written token cache must load"
+    data.bos = tokenizer.bos_id
     return data
 
 

@@ -26,6 +26,7 @@ class Tokenizer:
     name: str
     vocab_size: int
     eos_id: int | None
+    bos_id: int | None = None  # the token a document starts with, if the tokenizer adds one
     is_char: bool
 
     def encode(self, text: str) -> list[int]:
@@ -88,6 +89,7 @@ class HFTokenizer(Tokenizer):
         self.hf = tokenizer
         self.vocab_size = len(tokenizer)
         self.eos_id = tokenizer.eos_token_id
+        self.bos_id = document_start(tokenizer)
         # Corpus documents are far longer than any context: silence the length warning.
         tokenizer.model_max_length = int(1e30)
 
@@ -111,6 +113,18 @@ class HFTokenizer(Tokenizer):
         backend = getattr(self.hf, "backend_tokenizer", None)
         rules = backend.to_str() if backend is not None else json.dumps(self.hf.get_vocab())
         return hashlib.sha256(f"hf:{rules}".encode()).hexdigest()[:16]
+
+
+def document_start(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The beginning-of-sequence token the tokenizer puts before a document's text when it
+    encodes it for its model (Gemma's and Llama 2's `add_bos_token`, ...), or None: read from
+    what it does, not from its flags."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(full) > len(plain) and full[0] == bos and plain[:1] != [bos]:
+        return bos
+    return None
 
 
 def build_tokenizer(spec: str, corpus: Corpus | None) -> Tokenizer:

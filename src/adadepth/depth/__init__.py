@@ -1,25 +1,21 @@
 """The adaptive-depth methods, one module each, and the registry they plug into.
 
-Importing this package registers every method (`method_spec(name)`, `spec_for_kind(kind)`), so
-code that serves all methods (run folders, `from_pretrained`, `bench`) never names one.
+Importing this package imports every module in it, and a method's module registers it there
+(`method_spec(name)`, `spec_for_kind(kind)`): a new method is a new module, with nothing else to
+list, and code that serves all methods (run folders, `from_pretrained`, `bench`) never names one.
 """
 
 from __future__ import annotations
 
-# Importing a method's module registers it (ensemble also registers ensemble+lora, lora, full).
-from adadepth.depth import (  # noqa: F401
-    calm,
-    ensemble,
-    layerskip,
-    mod,
-    ponder,
-    routing,
-    selfspec,
-    static_skip,
-)
+import importlib
+import pkgutil
+
 from adadepth.depth.method import Method, MethodSpec
 from adadepth.depth.registry import lookup, names
 from adadepth.errors import UserError
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def method_spec(name: str) -> MethodSpec:

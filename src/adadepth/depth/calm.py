@@ -19,9 +19,8 @@ early-exit model agrees with the full model to a target, with a distribution-fre
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -31,21 +30,13 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth.exits import (
-    ExitHeads,
-    ExitMethod,
-    Subset,
-    Tally,
-    UnitCosts,
-    exit_loss,
-    layer_states,
-    tally_measurement,
-)
-from adadepth.depth.method import Knob, Measurement, MethodSpec
+from adadepth.depth.dispatch import PLAIN, Call, Subset, Tally
+from adadepth.depth.exits import ExitHeads, ExitMethod, UnitCosts, exit_loss, layer_states
+from adadepth.depth.method import Evaluate, Knob, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.generate import generate
-from adadepth.model import KVCache, Output
+from adadepth.model import KVCache, LayerStack, Output
 
 Confidence = Literal["softmax", "saturation", "classifier"]
 
@@ -128,9 +119,10 @@ class CalmModel(ExitMethod):
     knob = Knob("threshold", (1.0, 0.9, 0.8, 0.6, 0.4), low=0.0, high=1.0)
     depth_unit = "layers run before exiting"
 
-    def __init__(self, backbone: nn.Module, cfg: CalmConfig) -> None:
-        super().__init__(backbone)
-        self.ccfg = cfg
+    options: CalmConfig
+
+    def __init__(self, backbone: LayerStack, cfg: CalmConfig) -> None:
+        super().__init__(backbone, cfg)
         self.heads = ExitHeads(backbone, own_norms=True)
         self.classifier = (ExitClassifier(backbone.cfg.d_model)
                            if cfg.confidence == "classifier" else None)
@@ -145,23 +137,21 @@ class CalmModel(ExitMethod):
     # -- deciding ---------------------------------------------------------------------------
     def exits_possible(self) -> bool:
         """False when no confidence can pass (threshold 1, no decay): none is measured then."""
-        if self.dense:
-            return False
         if torch.isnan(self.threshold):
             if self.training:  # evaluations while training, before any calibration
                 return False
             raise UserError("calm needs an exit threshold: set calm.threshold, or calibrate "
                             "one on held-out text (model.calibrate(windows))")
-        return float(self.threshold) < 1 or self.ccfg.decay > 0
+        return float(self.threshold) < 1 or self.options.decay > 0
 
     def thresholds(self, positions: Tensor) -> float | Tensor:
         """The threshold of tokens at `positions` (B or 1, T): one number, or decaying with
         the position as the paper's decaying threshold does with the decoding step."""
         lam = float(self.threshold)
-        if self.ccfg.decay == 0:
+        if self.options.decay == 0:
             return lam
-        horizon = self.ccfg.decay_horizon or self.cfg.max_seq_len
-        return lam * (0.9 + 0.1 * torch.exp(-self.ccfg.decay * positions.float() / horizon))
+        horizon = self.options.decay_horizon or self.cfg.max_seq_len
+        return lam * (0.9 + 0.1 * torch.exp(-self.options.decay * positions.float() / horizon))
 
     def decide(self, layer: int, conf: Tensor, sub: Subset) -> Tensor:
         """Which entries of `sub` exit after `layer`: those whose confidence passes their
@@ -171,7 +161,7 @@ class CalmModel(ExitMethod):
     def confidence(self, layer: int, out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor | None]:
         """Confidence in [0, 1] of each token after `layer`, and its logits if they were needed
         to measure it (softmax)."""
-        kind = self.ccfg.confidence
+        kind = self.options.confidence
         if kind == "softmax":
             logits = self.heads.logits(self.backbone, layer, out)
             return top2_gap(logits).clamp(0, 1), logits
@@ -182,11 +172,12 @@ class CalmModel(ExitMethod):
 
     # -- the forward ------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
         bb, L = self.backbone, self.backbone.n_layers
         B, T = idx.shape
-        if self.dense or not self.exits_possible() or (T > 1 and self.ccfg.prefill == "full"):
-            self.count_forward(idx, L)  # no token can exit: the backbone's own forward
+        if (call.force is True or not self.exits_possible()
+                or (T > 1 and self.options.prefill == "full")):
+            self.count_forward(call, idx, L)  # no token can exit: the backbone's own forward
             return bb(idx, cache, start, positions=positions)
         own = cache is None  # a scoring call: copied states are only needed inside it
         if own:
@@ -200,22 +191,22 @@ class CalmModel(ExitMethod):
         logits: Tensor | None = None
         for i in range(L):
             if left < B * T:
-                self.copy_states_up(i, h, ctx, running, own, B * T - left)
-            sub = Subset.of(ctx, running, left)
+                self.copy_states_up(i, h, ctx, running, own, B * T - left, call)
+            sub = Subset.of(ctx, running, left, layout="pieces")
             if sub is None:
                 continue
             inp = sub.gather(h)
             out = bb.run_layer(i, inp, sub.ctx)
-            self.tally.layers += sub.count
-            self.tally.depth += left
+            call.count("layers", sub.count)
+            call.count("depth", left)
             h = sub.scatter(h, out)
             if i == L - 1:
                 logits = self.place(logits, sub, bb.head(out), B, T, None)
-                self.tally.heads += sub.count
+                call.count("heads", sub.count)
                 continue
             conf, layer_logits = self.confidence(i, out, inp)
-            self.tally.heads += sub.count if layer_logits is not None else 0
-            self.tally.probes += sub.count if self.classifier is not None else 0
+            call.count("heads", sub.count if layer_logits is not None else 0)
+            call.count("probes", sub.count if self.classifier is not None else 0)
             leave = self.decide(i, conf, sub)
             if sub.pad is not None:
                 leave &= ~sub.pad
@@ -224,16 +215,16 @@ class CalmModel(ExitMethod):
                 continue
             if layer_logits is None:  # the head runs once, at the exit
                 layer_logits = self.heads.logits(bb, i, out)
-                self.tally.heads += sub.count
+                call.count("heads", sub.count)
             logits = self.place(logits, sub, layer_logits, B, T, leave)
-            flat = sub.flat(B, T)[sub.real(leave)]
+            flat = sub.flat()[sub.real(leave)]
             running.view(-1)[flat] = False
             exit_layer.view(-1)[flat] = i
             left -= leaving
         for layer in whole:  # every row wrote its slot, by running the block or copying
             cache.complete[layer] = True
-        self.tally.tokens += B * T
-        self.last_depth = exit_layer + 1
+        call.count("tokens", B * T)
+        call.note_depth(exit_layer + 1)
         assert logits is not None
         return Output(logits=logits, hidden=h)
 
@@ -248,7 +239,7 @@ class CalmModel(ExitMethod):
         return [i for i in range(len(cache)) if cache.complete[i] and ctx.start <= cache.extent[i]]
 
     def copy_states_up(self, layer: int, h: Tensor, ctx: Any, running: Tensor, own: bool,
-                       exited: int) -> None:
+                       exited: int, call: Call) -> None:
         """K/V at `layer` of the `exited` tokens that left below it, from their copied states.
         Within a scoring call only tokens that a later running token attends to need them; a
         decoding cache keeps them all for the tokens still to come."""
@@ -258,10 +249,10 @@ class CalmModel(ExitMethod):
             order = torch.arange(T, device=running.device)
             last = torch.where(running, order, -1).max(1).values
             need &= order < last.unsqueeze(1)
-        sub = Subset.of(ctx, need, None if own else exited)
+        sub = Subset.of(ctx, need, None if own else exited, layout="pieces")
         if sub is not None:
             self.backbone.write_kv(layer, sub.gather(h), sub.ctx)
-            self.tally.kv += sub.count
+            call.count("kv", sub.count)
 
     @staticmethod
     def place(logits: Tensor | None, sub: Subset, values: Tensor, B: int, T: int,
@@ -269,7 +260,7 @@ class CalmModel(ExitMethod):
         """Write the logits of the subset's real entries (those `chosen`, if given)."""
         if logits is None:
             logits = values.new_empty(B, T, values.shape[-1])
-        flat, rows = sub.flat(B, T), sub.real(values)
+        flat, rows = sub.flat(), sub.real(values)
         if chosen is not None:
             keep = sub.real(chosen)
             flat, rows = flat[keep], rows[keep]
@@ -279,16 +270,16 @@ class CalmModel(ExitMethod):
     # -- training ---------------------------------------------------------------------------
     def set_trainable(self, from_scratch: bool) -> None:
         super().set_trainable(from_scratch)
-        if self.ccfg.regime == "joint":  # the paper trains the whole model with the exit loss
+        if self.options.regime == "joint":  # the paper trains the whole model with the exit loss
             self.requires_grad_(True)
             self.trains_backbone = True
 
     def layer_weights(self) -> list[float]:
         L = self.backbone.n_layers
-        raw = [i + 1.0 for i in range(L)] if self.ccfg.loss_weights == "linear" else [1.0] * L
+        raw = [i + 1.0 for i in range(L)] if self.options.loss_weights == "linear" else [1.0] * L
         return [w / sum(raw) for w in raw]
 
-    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         """The paper's weighted average of every layer's LM loss (weight i / sum j), plus the
         exit classifier's loss on detached states (so it never changes the model)."""
         states = layer_states(self.backbone, x)
@@ -300,7 +291,7 @@ class CalmModel(ExitMethod):
             probe = self.classifier_loss(states)
             loss = loss + probe
             metrics["classifier_loss"] = probe.item()
-        return loss, metrics
+        return StepLoss(loss, metrics)
 
     def classifier_loss(self, states: list[Tensor]) -> Tensor:
         """Class-balanced binary cross-entropy of P(exit) against "this layer's top token is the
@@ -327,9 +318,6 @@ class CalmModel(ExitMethod):
         return forward * (3 if self.backbone_trained() else 2)
 
     # -- saving --------------------------------------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.ccfg.model_dump()
-
     def method_modules(self) -> dict[str, nn.Module]:
         out: dict[str, nn.Module] = {"heads": self.heads}
         if self.classifier is not None:
@@ -341,8 +329,8 @@ class CalmModel(ExitMethod):
 
     def load_method_state(self, tensors: dict[str, Tensor]) -> None:
         super().load_method_state(tensors)
-        if self.ccfg.threshold is not None:  # an explicit threshold wins over a saved one
-            self.threshold.fill_(self.ccfg.threshold)
+        if self.options.threshold is not None:  # an explicit threshold wins over a saved one
+            self.threshold.fill_(self.options.threshold)
 
     # -- calibration -------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,12 +346,12 @@ class CalmModel(ExitMethod):
         """
         was = self.training
         self.eval()
-        cfg = self.ccfg
+        cfg = self.options
         windows = windows[:cfg.calibration_windows]
         delta = 1 - cfg.agreement
         steps = int(round(1 / cfg.calibration_step))
         candidates = [1 - k * cfg.calibration_step for k in range(1, steps + 1)]
-        reference = self.consistency_reference(windows)
+        reference = self.consistency_outputs(windows, self.dense_reference())
         chosen, tested = 1.0, []
         try:
             for lam in candidates:
@@ -383,30 +371,28 @@ class CalmModel(ExitMethod):
                 "calibration_consistency": cfg.consistency, "threshold_certified": certified,
                 "thresholds_tested": tested}
 
-    def consistency_reference(self, windows: Tensor) -> Tensor:
-        """What the full model does on the calibration examples: its greedy continuation of
-        each prompt, or its next-token prediction at every position."""
-        with self.dense_reference():
-            return self.consistency_outputs(windows)
-
-    def consistency_outputs(self, windows: Tensor) -> Tensor:
-        cfg = self.ccfg
+    def consistency_outputs(self, windows: Tensor, model: nn.Module | None = None) -> Tensor:
+        """What `model` (default: this one) does on the calibration examples: its greedy
+        continuation of each prompt, or its next-token prediction at every position."""
+        cfg, model = self.options, model or self
         if cfg.consistency == "teacher_forced":
-            return self(windows).logits.argmax(-1)
+            return model(windows).logits.argmax(-1)
         prompt = windows[:, :cfg.calibration_prompt]
         new = min(cfg.calibration_tokens, self.cfg.max_seq_len - prompt.shape[1])
-        return generate(self, prompt, new, temperature=0.0)[:, prompt.shape[1]:]
+        return generate(model, prompt, new, temperature=0.0)[:, prompt.shape[1]:]
 
     def disagreement(self, windows: Tensor, reference: Tensor) -> Tensor:
         """Per window, the fraction of its outputs that differ from the full model's."""
         return (self.consistency_outputs(windows) != reference).float().mean(1)
 
-    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+    def after_training(self, calibration: Tensor, held_out: Tensor,
+                       evaluate: Evaluate) -> dict[str, Any]:
         report: dict[str, Any] = {}
-        if self.ccfg.threshold is None:
+        if self.options.threshold is None:
             report.update(self.calibrate(calibration))
-        reference = self.consistency_reference(held_out[:self.ccfg.calibration_windows])
-        agreement = 1 - float(self.disagreement(held_out[:self.ccfg.calibration_windows],
+        reference = self.consistency_outputs(held_out[:self.options.calibration_windows],
+                                             self.dense_reference())
+        agreement = 1 - float(self.disagreement(held_out[:self.options.calibration_windows],
                                                 reference).mean())
         report["held_out_agreement"] = agreement
         return report
@@ -421,18 +407,18 @@ class CalmModel(ExitMethod):
         L = self.backbone.n_layers
         exits = torch.zeros(L, dtype=torch.float64)
         agree, total = 0.0, 0
-        with self.measure() as m:
-            for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
-                x = x.to(device)
-                predicted = self(x).logits.argmax(-1)
-                assert self.last_depth is not None
-                exits += torch.bincount(self.last_depth.flatten().cpu() - 1, minlength=L)
-                with self.dense_reference():
-                    agree += float((self(x).logits.argmax(-1) == predicted).sum())
-                total += x.numel()
+        depths: list[Tensor] = []
+        runner, m = self.measured(Call(depth=depths))
+        dense = self.dense_reference()
+        for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
+            x = x.to(device)
+            predicted = runner(x).logits.argmax(-1)
+            exits += torch.bincount(depths[-1].flatten().long() - 1, minlength=L)
+            agree += float((dense(x).logits.argmax(-1) == predicted).sum())
+            total += x.numel()
         context = fl.causal_context(block_size)
         summary = m.summary()
-        return {"threshold": float(self.threshold), "confidence": self.ccfg.confidence,
+        return {"threshold": float(self.threshold), "confidence": self.options.confidence,
                 "layers_per_token": summary["layers_per_token"],
                 "exit_fraction_per_layer": (exits / max(total, 1)).tolist(),
                 "agreement_with_full_model": agree / max(total, 1),
@@ -451,19 +437,13 @@ class CalmModel(ExitMethod):
         value = float(self.threshold)
         return lambda: self.threshold.fill_(value)
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Blocks run in full, copied states' K/V, head and classifier reads, per token."""
-        threshold = float(self.threshold)
-
-        def summary(t: Tally) -> dict[str, Any]:
-            tokens = max(t.tokens, 1)
-            return {"layers_per_token": t.depth / tokens, "threshold": threshold,
-                    "kv_copies_per_token": t.kv / tokens, "head_reads_per_token": t.heads / tokens,
-                    "tokens": t.tokens}
-
-        with tally_measurement(self.cfg, self.costs, lambda: self.tally, summary) as m:
-            yield m
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        """Layers run per token, copied states' K/V and head reads per token."""
+        tokens = max(tally.tokens, 1)
+        return {"layers_per_token": tally.get("depth") / tokens,
+                "threshold": float(self.threshold),
+                "kv_copies_per_token": tally.get("kv") / tokens,
+                "head_reads_per_token": tally.get("heads") / tokens, "tokens": int(tally.tokens)}
 
 
 register("method", CalmModel.name)(MethodSpec(

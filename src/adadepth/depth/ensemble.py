@@ -37,11 +37,12 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth.method import Knob, MethodSpec
+from adadepth.depth.dispatch import PLAIN, Call
+from adadepth.depth.method import Knob, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.depth.tuning import LoraOptions, TunedModel
 from adadepth.errors import UserError
-from adadepth.model import KVCache, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output, causal_lm_loss
 
 
 class EnsembleConfig(Strict):
@@ -139,14 +140,15 @@ class EnsembleModel(TunedModel):
 
     name = "ensemble"
 
-    def __init__(self, backbone: nn.Module, cfg: EnsembleConfig,
+    options: EnsembleConfig
+
+    def __init__(self, backbone: LayerStack, cfg: EnsembleConfig,
                  lora: LoraOptions | None = None) -> None:
         n_layers = backbone.n_layers
         if cfg.layers > n_layers:
             raise UserError(f"an ensemble of {cfg.layers} late layers needs a backbone that deep; "
                             f"this one has {n_layers} (layers must be 1..{n_layers})")
         super().__init__(backbone, cfg, lora=lora)
-        self.ecfg = cfg
         p = next(backbone.parameters())
         self.late = LateHeads(backbone, cfg).to(device=p.device, dtype=p.dtype)
         self.late_layers = list(range(n_layers - cfg.layers, n_layers))
@@ -173,12 +175,12 @@ class EnsembleModel(TunedModel):
         return states
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
-        if self.reference:  # bench: the pretrained model
-            return super().forward(idx, cache, start, positions=positions)
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
+        if call.force is True:  # the bench's reference: the pretrained model
+            return super().forward(idx, cache, start, positions=positions, call=call)
         states = self.late_states(idx, cache, start, positions)[-self.active:]
         logits, heads = self.read_out(states)
-        self.count(idx.numel(), heads=heads, mixed=float(len(states)))
+        self.count(call, idx.numel(), heads=heads, mixed=float(len(states)))
         return Output(logits=logits, hidden=states[-1])
 
     def read_out(self, states: list[Tensor]) -> tuple[Tensor, float]:
@@ -190,7 +192,8 @@ class EnsembleModel(TunedModel):
         if self.mix_states:
             mixed = sum(weights[..., j, None] * u for j, u in enumerate(normed))
             return self.backbone.unembed(mixed), 1.0
-        return mix([self.backbone.unembed(u) for u in normed], weights, self.ecfg.combine), float(k)
+        logits = [self.backbone.unembed(u) for u in normed]
+        return mix(logits, weights, self.options.combine), float(k)
 
     def layer_outputs(self, idx: Tensor) -> tuple[list[Tensor], Tensor]:
         """Every late layer's logits and the routing weights (B, T, n): what training and the
@@ -203,17 +206,17 @@ class EnsembleModel(TunedModel):
     def losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(LM loss of the combination, distillation term)."""
         layer_logits, weights = self.layer_outputs(x)
-        lm = causal_lm_loss(mix(layer_logits, weights, self.ecfg.combine), y)
+        lm = causal_lm_loss(mix(layer_logits, weights, self.options.combine), y)
         return lm, distillation(layer_logits)
 
-    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         lm, distill = self.losses(x, y)
-        return lm + self.ecfg.lambda_distill * distill, {"lm_loss": lm.item(),
-                                                         "distill": distill.item()}
+        return StepLoss(lm + self.options.lambda_distill * distill,
+                        {"lm_loss": lm.item(), "distill": distill.item()})
 
     # -- cost -------------------------------------------------------------------------------------
     def training_heads(self) -> int:
-        return self.ecfg.layers
+        return self.options.layers
 
     def extra_flops(self, heads: float, mixed: float) -> float:
         """The router, and the weighted sum: of normalised states when the head runs once, of
@@ -234,7 +237,7 @@ class EnsembleModel(TunedModel):
 
     def summary(self, heads: float, tokens: float) -> dict[str, Any]:
         return {"late_layers": self.active, "head_evaluations": heads,
-                "combine": self.ecfg.combine, "tokens": tokens}
+                "combine": self.options.combine, "tokens": tokens}
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,7 +259,7 @@ class EnsembleModel(TunedModel):
                 loss_sum[j] += next_token_loss(z, y).sum().item()
             hits += right.flatten(1).sum(1).cpu()
             any_hits += int(right.any(0).sum())
-            ensemble_hits += int((mix(layer_logits, w, self.ecfg.combine).argmax(-1) == y).sum())
+            ensemble_hits += int((mix(layer_logits, w, self.options.combine).argmax(-1) == y).sum())
             total += y.numel()
             weights.append(w.reshape(-1, n).float().cpu())
         w = torch.cat(weights)

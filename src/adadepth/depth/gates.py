@@ -24,6 +24,11 @@ class Gate(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def scored(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The score and, for a gate that predicts outcomes, its predictions (the JEPA loss
+        reads them from the forward that executed the decision)."""
+        return self(u), None
+
     def alignment_loss(self, predictions: Tensor, mask: Tensor, outcome: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -67,7 +72,6 @@ class JEPAGate(Gate):
         target = torch.empty(d_z, d_model)
         nn.init.normal_(target, std=d_model**-0.5)
         self.register_buffer("target_proj", target)
-        self.last_predictions: Tensor | None = None
 
     def predict(self, u: Tensor) -> Tensor:
         """zhat for both actions: (..., 2, d_z), index 0 = cheap, 1 = full."""
@@ -81,15 +85,15 @@ class JEPAGate(Gate):
         return sum(2.0 * m.weight.numel() for m in linear)
 
     def forward(self, u: Tensor) -> Tensor:
+        return self.scored(u)[0]
+
+    def scored(self, u: Tensor) -> tuple[Tensor, Tensor]:
         zhat = self.predict(u)
-        self.last_predictions = zhat
-        return self.readout(zhat[..., FULL, :] - zhat[..., CHEAP, :]).squeeze(-1)
+        return self.readout(zhat[..., FULL, :] - zhat[..., CHEAP, :]).squeeze(-1), zhat
 
     def alignment_loss(self, predictions: Tensor, mask: Tensor, outcome: Tensor) -> Tensor:
-        """Mean over executed (token, action) pairs of ||zhat_{t,a} - sg(T(outcome_t))||^2 / d_z.
-
-        `predictions` are those of the forward that executed `mask` (its RouteRecord): the gate's
-        own last_predictions may since come from an oracle pass, without gradient."""
+        """Mean over executed (token, action) pairs of ||zhat_{t,a} - sg(T(outcome_t))||^2 / d_z,
+        `predictions` being those of the forward that executed `mask` (its RouteRecord)."""
         zhat = predictions
         executed = torch.where(mask.unsqueeze(-1), zhat[..., FULL, :], zhat[..., CHEAP, :])
         target = (outcome.detach().float() @ self.target_proj.t()).to(executed.dtype)

@@ -22,9 +22,8 @@ example):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -33,21 +32,14 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
+from adadepth.depth.dispatch import PLAIN, Call, Tally
 from adadepth.depth.drafting import prepare, verify_reusing
-from adadepth.depth.exits import (
-    ExitHeads,
-    ExitMethod,
-    Tally,
-    UnitCosts,
-    exit_loss,
-    layer_states,
-    tally_measurement,
-)
-from adadepth.depth.method import Knob, Measurement, MethodSpec
+from adadepth.depth.exits import ExitHeads, ExitMethod, UnitCosts, exit_loss, layer_states
+from adadepth.depth.method import Evaluate, Knob, MethodSpec, StepLoss, TrainingPlan
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
 from adadepth.generate import Draft, Round
-from adadepth.model import KVCache, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output, causal_lm_loss
 
 
 class LayerSkipConfig(Strict):
@@ -82,18 +74,18 @@ class LayerSkipModel(ExitMethod):
 
     name = "layerskip"
     depth_unit = "layers run"
+    options: LayerSkipConfig
 
-    def __init__(self, backbone: nn.Module, cfg: LayerSkipConfig) -> None:
-        super().__init__(backbone)
+    def __init__(self, backbone: LayerStack, cfg: LayerSkipConfig) -> None:
+        super().__init__(backbone, cfg)
         L = backbone.n_layers
         if cfg.exit_layer is not None and not 1 <= cfg.exit_layer <= L - 1:
             raise UserError(f"layerskip.exit_layer must be in [1, {L - 1}] for a backbone of "
                             f"{L} layers, got {cfg.exit_layer}")
-        self.lcfg = cfg
         self.heads = ExitHeads(backbone, own_norms=cfg.exit_norm == "per_layer")
         p = next(backbone.parameters())
         self.heads.to(device=p.device, dtype=p.dtype)
-        self.exit_layer = cfg.exit_layer or max(1, round(L / 4))
+        self.exit_layer = cfg.exit_layer or max(1, round(L / 4))  # the knob's one value
         self.decoding = cfg.decoding  # an inference choice: the weights do not depend on it
         self.knob = Knob("exit_layer", default_sweep(L), low=0, high=L - 1, integer=True)
         self.costs = UnitCosts.of(backbone.cfg)
@@ -102,72 +94,27 @@ class LayerSkipModel(ExitMethod):
 
     # -- inference ----------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
         bb = self.backbone
-        early = self.decoding == "early_exit" and not self.dense
+        early = self.decoding == "early_exit" and call.force is not True
         depth = self.exit_layer if early else bb.n_layers
-        self.count_forward(idx, depth)
+        self.count_forward(call, idx, depth)
         if not early:
             return bb(idx, cache, start, positions=positions)
         x, ctx = bb.prepare(idx, cache, start, positions=positions)
         for i in range(depth):
             x = bb.run_layer(i, x, ctx)
-        return Output(logits=self.heads.logits(bb, depth - 1, x), hidden=x)
+        return Output(hidden=x, head=lambda h: self.heads.logits(bb, depth - 1, h))
 
-    @property
-    def speculator(self) -> LayerSkipModel | None:  # type: ignore[override]
-        if self.dense or self.decoding != "speculative":
+    def speculator_for(self, call: Call) -> Speculator | None:
+        if call.force is True or self.decoding != "speculative":
             return None
-        return self
-
-    @property
-    def draft_tokens(self) -> int:
-        return self.lcfg.draft_tokens
-
-    def draft(self, rnd: Round, cache: KVCache) -> Draft:
-        """`draft_tokens` tokens after `rnd.last` (fewer if the round allows fewer), each
-        from the first E blocks and the shared head; their states at block E travel with the
-        draft to the verify pass (LayerSkip's exit query cache)."""
-        bb, E, B = self.backbone, self.exit_layer, rnd.last.shape[0]
-        n = min(self.lcfg.draft_tokens, rnd.most)
-        token = rnd.last
-        drafts, probs, states = [], [], []
-        for k in range(n):
-            x, ctx = prepare(bb, token, cache, rnd.positions.unsqueeze(1) + k, rnd.rows)
-            for i in range(E):
-                x = bb.run_layer(i, x, ctx)
-            states.append(x)
-            token, p = rnd.sample(self.heads.logits(bb, E - 1, x)[:, -1])
-            drafts.append(token)
-            if p is not None:
-                probs.append(p)
-        self.tally.layers += B * n * E
-        self.tally.heads += B * n
-        self.tally.drafted += B * n
-        return Draft(torch.cat(drafts, 1), torch.stack(probs, 1) if probs else None,
-                     torch.cat(states, 1))
-
-    def verify(self, rnd: Round, draft: Draft, cache: KVCache) -> Tensor:
-        """Full-model logits of [last, drafts]: blocks 0..E-1 for the last drafted token alone
-        (the others' K/V and states come from the draft), then blocks E..L-1 for all of them."""
-        h, blocks = verify_reusing(self.backbone, rnd, draft.tokens, draft.carry,
-                                   self.exit_layer, cache)
-        self.tally.layers += blocks
-        self.tally.heads += h.shape[0] * h.shape[1]
-        return self.backbone.head(h)
-
-    def observe(self, accepted: Tensor, active: Tensor) -> None:
-        """What a round kept: drafted tokens accepted per row, and which rows still generate."""
-        rows = int(active.sum())
-        kept = int(accepted[active].sum())
-        self.tally.tokens += kept + rows  # the accepted drafts and the verifier's next token
-        self.tally.depth += (kept + rows) * self.backbone.n_layers
-        self.tally.accepted += kept
-        self.tally.rounds += 1
+        return Speculator(self, call)
 
     # -- training -----------------------------------------------------------------------------
-    def begin_training(self, total_steps: int) -> None:
-        self.total_steps = total_steps
+    def begin_training(self, plan: TrainingPlan) -> dict[str, Any]:
+        self.total_steps = plan.total_steps  # the curricula run over the planned steps
+        return {}
 
     def set_trainable(self, from_scratch: bool) -> None:
         """Every weight trains: pretraining from scratch or continued pretraining (the paper)."""
@@ -178,7 +125,7 @@ class LayerSkipModel(ExitMethod):
 
     @property
     def may_skip_parameters(self) -> bool:
-        return self.lcfg.p_max > 0  # a dropped block gets no gradient in that step
+        return self.options.p_max > 0  # a dropped block gets no gradient in that step
 
     def progress(self, step: int) -> float:
         """t / T, the fraction of training done (1 when the length of training is unknown)."""
@@ -188,7 +135,7 @@ class LayerSkipModel(ExitMethod):
 
     def dropout_rates(self, step: int) -> list[float]:
         """p_l = S(t) D(l) p_max, D(l) = exp(l ln2 / (L-1)) - 1, S(t) = exp(t ln2 / T) - 1 or 1."""
-        L, cfg = self.backbone.n_layers, self.lcfg
+        L, cfg = self.backbone.n_layers, self.options
         kind = cfg.dropout_curriculum
         if kind == "auto":
             kind = "exponential" if self.from_scratch else "constant"
@@ -197,7 +144,7 @@ class LayerSkipModel(ExitMethod):
 
     def enabled_exits(self, step: int) -> list[int]:
         """Layers whose exit loss counts at `step` (the last layer's always does)."""
-        L, cfg = self.backbone.n_layers, self.lcfg
+        L, cfg = self.backbone.n_layers, self.options
         if cfg.curriculum == "rotational":
             early = [i for i in range(L - 1) if (i - step) % cfg.rotation == 0]
         elif cfg.curriculum == "gradual":
@@ -211,10 +158,10 @@ class LayerSkipModel(ExitMethod):
         """Weights that grow with depth as sums of layer indices: e_scale * (l+1)(l+2)/2 for an
         early exit after block l, L(L+1)/2 for the last, normalised over the enabled ones."""
         L = self.backbone.n_layers
-        raw = [(i + 1) * (i + 2) / 2 * (self.lcfg.e_scale if i < L - 1 else 1.0) for i in layers]
+        raw = [(i + 1) * (i + 2) / 2 * (self.options.e_scale if i < L - 1 else 1.0) for i in layers]
         return [r / sum(raw) for r in raw]
 
-    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         rates = self.dropout_rates(step)
 
         def runs(layer: int) -> Tensor | None:
@@ -229,7 +176,7 @@ class LayerSkipModel(ExitMethod):
         loss = sum(w * v for w, v in zip(self.loss_scales(layers), losses, strict=True))
         metrics = {"lm_loss": losses[-1].item(), "early_exit_loss": loss.item(),
                    "dropout_last_layer": rates[-1]}
-        return loss, metrics
+        return StepLoss(loss, metrics)
 
     def training_flops_per_token(self, seq_len: int) -> float:
         """Forward and backward of the blocks that run (dropout skips some) and of the heads of
@@ -241,9 +188,6 @@ class LayerSkipModel(ExitMethod):
         return 3 * (blocks * (self.costs.layer + scores) + heads * self.costs.head)
 
     # -- saving --------------------------------------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.lcfg.model_dump()
-
     def method_modules(self) -> dict[str, nn.Module]:
         return {"heads": self.heads} if self.heads.norms is not None else {}
 
@@ -267,7 +211,8 @@ class LayerSkipModel(ExitMethod):
         return {"exit_loss_per_layer": [v / max(tokens, 1) for v in loss],
                 "exit_agreement_per_layer": [v / max(tokens, 1) for v in agree]}
 
-    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+    def after_training(self, calibration: Tensor, held_out: Tensor,
+                       evaluate: Evaluate) -> dict[str, Any]:
         """Nothing to calibrate: how good each exit is on held-out windows."""
         return self.exit_quality([(held_out[:, :-1], held_out[:, 1:])])
 
@@ -308,29 +253,82 @@ class LayerSkipModel(ExitMethod):
         layer = self.exit_layer
         return lambda: self.set_exit_layer(layer)
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
         """Blocks and head reads that really ran (drafts, verify passes, rejected drafts
         included) per token produced, and the acceptance rate of the drafts."""
-        E, mode = self.exit_layer, self.decoding
+        tokens = max(tally.tokens, 1)
+        out: dict[str, Any] = {}
+        drafted, accepted = tally.get("drafted"), tally.get("accepted")
+        if drafted:
+            out["acceptance_rate"] = accepted / drafted
+            L, E = self.backbone.n_layers, self.exit_layer
+            row_rounds = max(tally.get("row_rounds"), 1)
+            per_round = 1 + accepted / row_rounds  # tokens a row gets per round
+            drafts = drafted / row_rounds  # drafts per row and round (the last rounds draft less)
+            out["tokens_per_round"] = per_round
+            # A block call costs the same for 1 or d+1 tokens when memory-bound: a round
+            # makes d*E + L sequential block calls where plain decoding makes L per token.
+            out["ideal_latency_speedup"] = L * per_round / (drafts * E + L)
+        out.update({"blocks_run_per_token": tally.get("layers") / tokens,
+                    "exit_layer": self.exit_layer, "decoding": self.decoding,
+                    "tokens": int(tally.tokens)})
+        return out
 
-        def summary(t: Tally) -> dict[str, Any]:
-            tokens = max(t.tokens, 1)
-            out: dict[str, Any] = {}
-            if t.drafted:
-                out["acceptance_rate"] = t.accepted / t.drafted
-                d, L = self.lcfg.draft_tokens, self.backbone.n_layers
-                per_round = 1 + t.accepted / (t.drafted / d)  # tokens a row gets per round
-                out["tokens_per_round"] = per_round
-                # A block call costs the same for 1 or d+1 tokens when memory-bound: a round
-                # makes d*E + L sequential block calls where plain decoding makes L per token.
-                out["ideal_latency_speedup"] = L * per_round / (d * E + L)
-            out.update({"blocks_run_per_token": t.layers / tokens, "exit_layer": E,
-                        "decoding": mode, "tokens": t.tokens})
-            return out
 
-        with tally_measurement(self.cfg, self.costs, lambda: self.tally, summary) as m:
-            yield m
+class Speculator:
+    """LayerSkip's draft and verify for one decoding session, counting into its call: draft
+    with the first E blocks and the shared head, verify with the full model reusing what the
+    draft computed (the K/V of the first E blocks and the drafted tokens' states at block E,
+    LayerSkip's exit query cache). Per-round state travels in `Round` and `Draft`."""
+
+    def __init__(self, model: LayerSkipModel, call: Call) -> None:
+        self.model, self.call = model, call
+        self.draft_tokens = model.options.draft_tokens
+
+    def draft(self, rnd: Round, cache: KVCache) -> Draft:
+        """`draft_tokens` tokens after `rnd.last` (fewer if the round allows fewer), each
+        from the first E blocks and the shared head; their states at block E travel with the
+        draft to the verify pass."""
+        model = self.model
+        bb, E, B = model.backbone, model.exit_layer, rnd.last.shape[0]
+        n = min(self.draft_tokens, rnd.most)
+        token = rnd.last
+        drafts, probs, states = [], [], []
+        for k in range(n):
+            x, ctx = prepare(bb, token, cache, rnd.positions.unsqueeze(1) + k, rnd.rows)
+            for i in range(E):
+                x = bb.run_layer(i, x, ctx)
+            states.append(x)
+            token, p = rnd.sample(model.heads.logits(bb, E - 1, x)[:, -1])
+            drafts.append(token)
+            if p is not None:
+                probs.append(p)
+        self.call.count("layers", B * n * E)
+        self.call.count("heads", B * n)
+        self.call.count("drafted", B * n)
+        return Draft(torch.cat(drafts, 1), torch.stack(probs, 1) if probs else None,
+                     torch.cat(states, 1))
+
+    def verify(self, rnd: Round, draft: Draft, cache: KVCache) -> Tensor:
+        """Full-model logits of [last, drafts]: blocks 0..E-1 for the last drafted token alone
+        (the others' K/V and states come from the draft), then blocks E..L-1 for all of them."""
+        h, blocks = verify_reusing(self.model.backbone, rnd, draft.tokens, draft.carry,
+                                   self.model.exit_layer, cache)
+        self.call.count("layers", blocks)
+        self.call.count("heads", h.shape[0] * h.shape[1])
+        return self.model.backbone.head(h)
+
+    def observe(self, accepted: Tensor, active: Tensor) -> None:
+        """What a round kept: drafted tokens accepted per row, and which rows still generate."""
+        if self.call.tally is None:
+            return
+        rows = int(active.sum())
+        kept = int(accepted[active].sum())
+        self.call.count("tokens", kept + rows)  # the accepted drafts and the verifier's next
+        self.call.count("depth", (kept + rows) * self.model.backbone.n_layers)
+        self.call.count("accepted", kept)
+        self.call.count("rounds", 1)
+        self.call.count("row_rounds", rows)
 
 
 register("method", LayerSkipModel.name)(MethodSpec(

@@ -15,20 +15,18 @@ score of the token alone: the router's own output trained with an auxiliary bina
 cross-entropy towards top-k membership (`causal: aux_loss`), or a small MLP predictor reading
 the router's input under a stop-gradient (`causal: predictor`, the default). The score passes a
 threshold: the paper's sigmoid(score) > 0.5 (`threshold: half`), or (our default) per-layer
-thresholds calibrated on held-out windows to the capacity, steered token by token by routing's
-`ThresholdController` so the realised capacity holds on any text.
+thresholds calibrated on held-out windows to the capacity, steered token by token by the shared
+`ThresholdController` (`depth/dispatch.py`) so the realised capacity holds on any text.
 
-Skipped tokens leave the computation: the block runs on the gathered selected tokens only
-(`Context.select`), and a skipped token writes no K/V at that block, in training and in cached
-decoding alike, so later tokens see exactly the same keys either way. docs/methods/mod.md says
+Skipped tokens leave the computation: the block runs on the gathered selected tokens only (a
+`Subset`), and a skipped token writes no K/V at that block, in training and in cached decoding
+alike, so later tokens see exactly the same keys either way. docs/methods/mod.md says
 which choices are the paper's and which are ours.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -38,31 +36,36 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec, attribute_set
+from adadepth.depth.dispatch import (
+    PLAIN,
+    Call,
+    CausalPredictor,
+    CausalRule,
+    Subset,
+    Tally,
+    ThresholdController,
+    attended_keys,
+    count_tokens,
+    membership_loss,
+    topk_count,
+    topk_index,
+)
+from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss
 from adadepth.depth.registry import register
-from adadepth.depth.routing import ThresholdController, quantile_threshold, topk_count
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, Output, causal_lm_loss
-
-Decision = Literal["auto", "topk", "causal"]
+from adadepth.model import Context, KVCache, LayerStack, Output
 
 
-class MoDConfig(Strict):
-    """Mixture-of-Depths; defaults are the paper's or ours (docs/methods/mod.md)."""
+class CausalRouting(Strict):
+    """How routers that choose top-k in training decide causally when decoding, and what trains
+    them (Mixture-of-Depths, Mixture-of-Recursions)."""
 
-    capacity: float = Field(0.125, gt=0, le=1, description="fraction of a sequence's tokens "
-                            "that run a routed block")
-    layers: Literal["every_other", "all_but_first", "all"] | list[int] = Field(
-        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all but the "
-        "first, all, or a list")
     causal: Literal["predictor", "aux_loss"] = Field(
         "predictor", description="what decides causally at inference: a stop-gradient MLP "
         "predictor of top-k membership, or the router itself trained with an auxiliary BCE")
     predictor_hidden: PositiveInt = 64
     lambda_aux: float = Field(0.1, ge=0, description="weight of the router's BCE (aux_loss)")
     lambda_predictor: float = Field(1.0, ge=0, description="weight of the predictor's BCE")
-    router_norm: bool = Field(False, description="the router reads RMS-normalised x instead "
-                              "of the raw residual stream")
     threshold: Literal["calibrated", "half"] = Field(
         "calibrated", description="causal thresholds: calibrated to the capacity on held-out "
         "windows, or the paper's sigmoid(score) > 0.5")
@@ -74,24 +77,35 @@ class MoDConfig(Strict):
         "routers and predictors, or stays frozen (from scratch everything trains)")
 
 
+class MoDConfig(CausalRouting):
+    """Mixture-of-Depths; defaults are the paper's or ours (docs/methods/mod.md)."""
+
+    capacity: float = Field(0.125, gt=0, le=1, description="fraction of a sequence's tokens "
+                            "that run a routed block")
+    layers: Literal["every_other", "all_but_first", "all"] | list[int] = Field(
+        "every_other", description="routed blocks: every other one (1, 3, 5, ...), all but the "
+        "first, all, or a list")
+    router_norm: bool = Field(False, description="the router reads RMS-normalised x instead "
+                              "of the raw residual stream")
+
+
 class Router(nn.Module):
-    """One routed block's router r = w^T x + b and, if used, its causal predictor.
+    """One routed block's router r = w^T x + b, its causal predictor if used, and its causal
+    decision rule.
 
     The router starts at w = 0, b = 1: every token's weight is 1, so at capacity 1 a fresh
     model is exactly its backbone (a retrofit starts from the pretrained function)."""
 
-    def __init__(self, d_model: int, normalize: bool, predictor_hidden: int | None) -> None:
+    def __init__(self, key: str, d_model: int, normalize: bool, predictor_hidden: int | None,
+                 control: ThresholdController | None) -> None:
         super().__init__()
         self.normalize = normalize
         self.linear = nn.Linear(d_model, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.ones_(self.linear.bias)
-        self.predictor = None
-        if predictor_hidden is not None:
-            self.predictor = nn.Sequential(nn.Linear(d_model, predictor_hidden), nn.SiLU(),
-                                           nn.Linear(predictor_hidden, 1))
-        self.register_buffer("threshold", torch.tensor(float("nan")))
-        self.register_buffer("spread", torch.tensor(1.0))
+        self.predictor = (CausalPredictor(d_model, predictor_hidden)
+                          if predictor_hidden is not None else None)
+        self.rule = CausalRule(key, control)  # key: where its controller state lives
 
     def read(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],)) if self.normalize else x
@@ -103,19 +117,27 @@ class Router(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """The predictor's logit of top-k membership, (B, T); its input carries no gradient."""
         assert self.predictor is not None
-        return self.predictor(self.read(x).detach()).squeeze(-1)
+        return self.predictor(self.read(x))
+
+    def causal_score(self, x: Tensor) -> Tensor:
+        return self.weight(x) if self.predictor is None else self.predict(x)
 
 
-@dataclass
-class Tally:
-    """What the forwards inside a `measure()` block ran, per routed block."""
-
-    tokens: int = 0  # tokens of every forward
-    dense_keys: float = 0.0  # keys every token would attend to in a dense layer
-    run: list[float] = field(default_factory=list)  # tokens that ran the block
-    keys: list[float] = field(default_factory=list)  # keys the tokens that ran attended to
-    routers: list[float] = field(default_factory=list)  # router evaluations
-    predictors: list[float] = field(default_factory=list)  # predictor evaluations
+def build_routers(options: CausalRouting, keys: list[str], backbone: LayerStack,
+                  normalize: bool = False) -> nn.ModuleList:
+    """One `Router` per key (where its controller state lives in the cache), with a predictor
+    when it decides causally, on the backbone's device and dtype."""
+    hidden = options.predictor_hidden if options.causal == "predictor" else None
+    control = None
+    if options.threshold == "calibrated" and options.threshold_control == "online":
+        control = ThresholdController(options.control_gain, options.control_slack)
+    routers = nn.ModuleList(Router(key, backbone.cfg.d_model, normalize, hidden, control)
+                            for key in keys)
+    if options.threshold == "half":  # the paper's rule: sigmoid(score) > 0.5, i.e. score > 0
+        for router in routers:
+            router.rule.set(0.0)
+    p = next(backbone.parameters())
+    return routers.to(device=p.device, dtype=p.dtype)
 
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
@@ -135,82 +157,59 @@ def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
     return layers
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 class MixtureOfDepths(Method):
     """A backbone whose routed blocks run on the tokens their routers choose."""
 
     name = "mod"
     knob = Knob("capacity", (1.0, 0.5, 0.25, 0.125), low=0.0, high=1.0)
     depth_unit = "blocks run"
+    options: MoDConfig
 
-    def __init__(self, backbone: nn.Module, cfg: MoDConfig) -> None:
-        super().__init__(backbone)
-        self.mcfg = cfg
-        self.layers = resolve_layers(cfg.layers, backbone.n_layers)
+    def __init__(self, backbone: LayerStack, options: MoDConfig) -> None:
+        super().__init__(backbone, options)
+        self.layers = resolve_layers(options.layers, backbone.n_layers)
         self.slot = {layer: j for j, layer in enumerate(self.layers)}
-        hidden = cfg.predictor_hidden if cfg.causal == "predictor" else None
-        self.routers = nn.ModuleList(Router(backbone.cfg.d_model, cfg.router_norm, hidden)
-                                     for _ in self.layers)
-        if cfg.threshold == "half":  # the paper's rule: sigmoid(score) > 0.5, i.e. score > 0
-            for router in self.routers:
-                router.threshold.fill_(0.0)
-        self.capacity = cfg.capacity
-        self.control: ThresholdController | None = None
-        if cfg.threshold == "calibrated" and cfg.threshold_control == "online":
-            self.control = ThresholdController(cfg.capacity, cfg.control_gain, cfg.control_slack)
-        self.decision: Decision = "auto"
-        self.force: bool | None = None  # every token runs (True) / skips (False) every routed block
-        self.masks: list[Tensor | None] = [None] * len(self.layers)  # last forward's decisions
-        self.targets: list[tuple[Tensor, Tensor]] = []  # training: (causal logits, top-k mask)
-        self.tally: Tally | None = None
-        p = next(backbone.parameters())
-        self.routers.to(device=p.device, dtype=p.dtype)
+        self.routers = build_routers(options, [f"mod-surplus-{j}" for j in range(len(
+            self.layers))], backbone, options.router_norm)
+        self.capacity = options.capacity  # the knob's one value
 
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
         bb = self.backbone
-        x, ctx = bb.prepare(idx, cache, start, positions=positions)
-        state: dict[str, Any] = {}
-        if cache is not None:
-            if start == 0 and positions is None:  # a new sequence: forget the controller's
-                cache.state.pop("mod-surplus", None)
-            state = cache.state
-        self.targets = []
-        if self.tally is not None:
-            self._count_tokens(ctx, x.shape[0] * x.shape[1])
+        if call.depth is not None and call.records is None:
+            call = call.but(records={})
+        x, ctx = bb.prepare(idx, cache, start, positions=positions, call=call)
+        if call.tally is not None:
+            count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
         for i in range(bb.n_layers):
             j = self.slot.get(i)
-            x = bb.run_layer(i, x, ctx) if j is None else self.routed_block(j, i, x, ctx, state)
-        return Output(logits=bb.head(x), hidden=x)
+            x = bb.run_layer(i, x, ctx) if j is None else self.routed_block(j, i, x, ctx)
+        if call.depth is not None:
+            assert call.records is not None
+            unrouted = bb.n_layers - len(self.layers)
+            call.note_depth(torch.stack([call.records["mask", j] for j in range(len(self.layers))])
+                            .sum(0) + unrouted)
+        return Output(hidden=x, head=bb.head)
 
-    def resolved_decision(self) -> Decision:
-        if self.decision == "auto":
-            return "topk" if self.training else "causal"
-        return self.decision
-
-    def routed_block(self, j: int, layer: int, x: Tensor, ctx: Context,
-                     state: dict[str, Any]) -> Tensor:
+    def routed_block(self, j: int, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        call = ctx.call if ctx.call is not None else PLAIN
         router = self.routers[j]
         B, T = x.shape[:2]
-        decision = self.resolved_decision()
-        if self.force is not None or (self.capacity >= 1 and decision == "causal"):
-            everyone = self.force is not False
-            mask = torch.full((B, T), everyone, dtype=torch.bool, device=x.device)
+        topk = call.topk(self.training)
+        forced = call.forced_at(layer)
+        if forced is not None or (self.capacity >= 1 and not topk):
+            mask = torch.full((B, T), forced is not False, dtype=torch.bool, device=x.device)
             return self.run_selected(j, layer, x, ctx, mask, None)
-        if decision == "topk":
+        if topk:
             weight = router.weight(x)
-            k = topk_count(T, self.capacity)
-            index = weight.detach().topk(k, dim=-1).indices.sort(dim=-1).values
+            index = topk_index(weight.detach(), self.capacity)
             mask = torch.zeros((B, T), dtype=torch.bool, device=x.device).scatter(1, index, True)
             if self.training:  # what the causal score learns to predict
                 logits = weight if router.predictor is None else router.predict(x)
-                self.targets.append((logits, mask))
+                call.record(("target", j), (logits, mask))
             return self.run_selected(j, layer, x, ctx, mask, weight, index)
-        if torch.isnan(router.threshold):
+        if not router.rule.calibrated:
             raise UserError("Mixture-of-Depths decoding needs calibrated thresholds: run "
                             "calibrate() (adadepth fit does) or use mod.threshold=half")
         if router.predictor is None:
@@ -218,102 +217,59 @@ class MixtureOfDepths(Method):
             score = weight.detach()
         else:
             weight, score = None, router.predict(x)
-            if self.tally is not None:
-                self.tally.predictors[j] += B * T
-        if self.control is None:
-            mask = score > router.threshold
-        else:
-            key = f"mod-surplus-{j}"
-            surplus = state.setdefault("mod-surplus", {}).get(key) or [0.0] * B
-            mask, surplus = self.control.decide(score, router.threshold.item(),
-                                                router.spread.item(), surplus)
-            state["mod-surplus"][key] = surplus
-        return self.run_selected(j, layer, x, ctx, mask, weight)
+            call.count("predictors", B * T, j)
+        return self.run_selected(j, layer, x, ctx, router.rule.decide(score, self.capacity, ctx),
+                                 weight)
 
     def run_selected(self, j: int, layer: int, x: Tensor, ctx: Context, mask: Tensor,
                      weight: Tensor | None, index: Tensor | None = None) -> Tensor:
         """x + r * (block(x) - x) on the tokens of `mask`, computed on those tokens alone;
         `weight` is r for every token, or None to compute it for the selected ones only.
         `index` (B, k), when given, lists each row's selected positions (top-k)."""
-        self.masks[j] = mask
-        if self.tally is not None:
-            self._count_run(j, ctx, mask, weight is None)
-        rows = pad = None
-        if index is None:
-            counts = mask.sum(1).tolist()  # the packed shapes depend on them
-            T = mask.shape[1]
-            if min(counts) == T:  # everyone: the plain call
-                return self._update(j, layer, x, ctx, weight)
-            if max(counts) == 0:
-                return x
-            active = [b for b, c in enumerate(counts) if c]
-            if len(active) < len(counts):  # rows where nobody runs are left out entirely
-                rows = torch.tensor(active, device=x.device)
-                mask = mask.index_select(0, rows)
-                weight = weight.index_select(0, rows) if weight is not None else None
-                counts = [counts[b] for b in active]
-            width = max(counts)
-            if min(counts) == width == T:  # whole rows (decoding one token per row)
-                if rows is None:
-                    return self._update(j, layer, x, ctx, weight)
-                out = self._update(j, layer, x.index_select(0, rows), ctx.select(rows=rows),
-                                   weight)
-                return x.index_copy(0, rows, out)
-            # each row's selected positions in order, padded with unselected ones
-            index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-            if min(counts) < width:
-                pad = (torch.arange(width, device=x.device).unsqueeze(0)
-                       >= torch.tensor(counts, device=x.device).unsqueeze(1))
-        xr = x if rows is None else x.index_select(0, rows)
-        sub = gather_tokens(xr, index)
-        r = weight.gather(1, index) if weight is not None else None
-        update = self._update(j, layer, sub, ctx.select(index=index, rows=rows, pad=pad), r,
-                              delta=True)
-        if pad is not None:  # padding entries ran but are discarded
-            update = update.masked_fill(pad.unsqueeze(-1), 0)
-        out = xr.scatter_add(1, index.unsqueeze(-1).expand_as(update), update)
-        return out if rows is None else x.index_copy(0, rows, out)
-
-    def _update(self, j: int, layer: int, sub: Tensor, ctx: Context, weight: Tensor | None,
-                delta: bool = False) -> Tensor:
-        """sub + r * (block(sub) - sub), or only r * (block(sub) - sub) with `delta`."""
-        out = self.backbone.run_layer(layer, sub, ctx)
-        r = self.routers[j].weight(sub) if weight is None else weight
-        change = r.unsqueeze(-1).to(sub.dtype) * (out - sub)
-        return change if delta else sub + change
+        call = ctx.call if ctx.call is not None else PLAIN
+        call.record(("mask", j), mask)
+        if call.tally is not None:
+            self._count_run(call.tally, j, ctx, mask, weight is None)
+        sub = Subset.of_index(ctx, index) if index is not None else Subset.of(ctx, mask)
+        if sub is None:  # nobody runs the block
+            return x
+        part = sub.gather(x)
+        r = sub.gather(weight) if weight is not None else self.routers[j].weight(part)
+        change = r.unsqueeze(-1).to(part.dtype) * (self.backbone.run_layer(layer, part, sub.ctx)
+                                                   - part)
+        return sub.add(x, change)
 
     # -- which parameters train; what is saved ---------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.mcfg.model_dump()
-
     def method_modules(self) -> dict[str, nn.Module]:
         return {"routers": self.routers}  # thresholds and spreads are buffers inside
 
     def set_trainable(self, from_scratch: bool) -> None:
         """From scratch, or in a `joint` retrofit, everything trains (the blocks learn to work
         on the tokens they are given); `routers` trains the routers and predictors alone."""
-        super().set_trainable(from_scratch or self.mcfg.regime == "joint")
+        super().set_trainable(from_scratch or self.options.regime == "joint")
 
-    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         """LM loss of the top-k forward plus the causal score's BCE towards top-k membership:
         the router's own (aux_loss, on the LM's gradient path) or the predictor's (which
         reads a stop-gradient input, so it leaves the LM objective alone)."""
-        lm = causal_lm_loss(self(x).logits, y)
-        bce = torch.stack([F.binary_cross_entropy_with_logits(s.float(), m.float())
-                           for s, m in self.targets]).mean()
-        agree = torch.stack([((s.detach() > 0) == m).float().mean() for s, m in self.targets])
-        weight = (self.mcfg.lambda_aux if self.mcfg.causal == "aux_loss"
-                  else self.mcfg.lambda_predictor)
-        return lm + weight * bce, {"lm_loss": lm.item(), "causal_bce": bce.item(),
-                                   "causal_accuracy": agree.mean().item()}
+        records: dict[Any, Any] = {}
+        lm = self(x, call=Call(records=records)).loss(y)
+        targets = [records["target", j] for j in range(len(self.layers))
+                   if ("target", j) in records]
+        bce = torch.stack([membership_loss(s, m) for s, m in targets]).mean()
+        agree = torch.stack([((s.detach() > 0) == m).float().mean() for s, m in targets])
+        weight = (self.options.lambda_aux if self.options.causal == "aux_loss"
+                  else self.options.lambda_predictor)
+        return StepLoss(lm + weight * bce, {"lm_loss": lm.item(), "causal_bce": bce.item(),
+                                            "causal_accuracy": agree.mean().item()})
 
     def training_flops_per_token(self, seq_len: int) -> float:
         """The top-k forward at the trained capacity (routers and predictors on every token),
         and a backward of twice that when the backbone trains, once that when it is frozen."""
-        k = topk_count(seq_len, self.mcfg.capacity)
+        k = topk_count(seq_len, self.options.capacity)
         run = [k / seq_len] * len(self.layers)
         keys = [k * (k + 1) / (seq_len * (seq_len + 1))] * len(self.layers)
-        predictors = [1.0 if self.mcfg.causal == "predictor" else 0.0] * len(self.layers)
+        predictors = [1.0 if self.options.causal == "predictor" else 0.0] * len(self.layers)
         forward = self.flops_per_token(fl.causal_context(seq_len), run, keys,
                                        [1.0] * len(self.layers), predictors)
         return forward * (3 if self.backbone_trained() else 2)
@@ -340,71 +296,49 @@ class MixtureOfDepths(Method):
         ones = [1.0] * len(self.layers)
         return self.flops_per_token(context, ones, ones, ones, [0.0] * len(self.layers))
 
-    def _count_tokens(self, ctx: Context, tokens: int) -> None:
-        assert self.tally is not None
-        self.tally.tokens += tokens
-        # a dense query at position p sees p + 1 keys with a cache, its own prefix without
-        seen = ctx.positions + 1 if ctx.cache is not None else (
-            torch.arange(ctx.length, device=ctx.positions.device) + 1).unsqueeze(0)
-        self.tally.dense_keys += float(seen.expand(tokens // ctx.length, -1).sum())
-
-    def _count_run(self, j: int, ctx: Context, mask: Tensor, router_on_selected: bool) -> None:
+    def _count_run(self, tally: Tally, j: int, ctx: Context, mask: Tensor,
+                   router_on_selected: bool) -> None:
         """Tokens that run block j in this call and the keys each attends to: the selected
         tokens before it in the call, and what the cache holds for the block below it."""
-        tally = self.tally
-        assert tally is not None
         run = mask.sum().item()
-        tally.run[j] += run
-        tally.routers[j] += run if router_on_selected else mask.numel()
-        rank = mask.long().cumsum(1)  # keys from this call, the query's own included
-        keys = rank
-        if ctx.cache is not None:
-            layer = ctx.kv_offset + self.layers[j]
-            valid = ctx.cache.valid[layer, :, :ctx.cache.max_len].long().cumsum(1)
-            positions = ctx.positions.expand(mask.shape[0], -1)
-            first = positions[:, :1]  # keys before the call's first token
-            keys = keys + torch.where(first > 0, valid.gather(1, (first - 1).clamp_min(0)), 0)
-        tally.keys[j] += float(keys[mask].sum())
+        tally.add("run", run, j)
+        tally.add("routers", run if router_on_selected else mask.numel(), j)
+        tally.add("keys", attended_keys(ctx, mask, ctx.kv_offset + self.layers[j]), j)
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
+    def tally_flops(self, tally: Tally, context: float) -> float:
         """Per routed block: the fraction of tokens that ran it, the keys they attended to, and
-        the router and predictor evaluations, over every forward in the block."""
-        m = len(self.layers)
-        tally = Tally(run=[0.0] * m, keys=[0.0] * m, routers=[0.0] * m, predictors=[0.0] * m)
-        self.tally = tally
-        capacity = self.capacity if self.force is None else float(self.force)
+        the router and predictor evaluations, over every forward counted."""
+        m = range(len(self.layers))
+        keys = [v / max(tally.get("dense_keys"), 1.0) for v in tally.sites("keys", m)]
+        return self.flops_per_token(context, tally.per_token("run", m), keys,
+                                    tally.per_token("routers", m),
+                                    tally.per_token("predictors", m))
 
-        def per_token(values: list[float], total: float) -> list[float]:
-            return [v / max(total, 1.0) for v in values]
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Routed blocks not run (and the attention their queries skipped); routers and
+        predictors run."""
+        m = range(len(self.layers))
+        run, routers = tally.per_token("run", m), tally.per_token("routers", m)
+        predictors = tally.per_token("predictors", m)
+        keys = [v / max(tally.get("dense_keys"), 1.0) for v in tally.sites("keys", m)]
+        dense = fl.forward_per_token(self.cfg, context)
+        n = self.cfg.n_layers
+        proj_ffn, scores = (dense["attn_proj"] + dense["ffn"]) / n, dense["attn_scores"] / n
+        out = {"blocks skipped": 0.0, "routers": 0.0, "predictors": 0.0}
+        for j, router in enumerate(self.routers):
+            out["blocks skipped"] -= (1 - run[j]) * proj_ffn + (1 - keys[j]) * scores
+            out["routers"] += routers[j] * fl.module_flops(router.linear)
+            if router.predictor is not None:
+                out["predictors"] += predictors[j] * fl.module_flops(router.predictor)
+        return out
 
-        def flops(context: float) -> float:
-            return self.flops_per_token(context, per_token(tally.run, tally.tokens),
-                                        per_token(tally.keys, tally.dense_keys),
-                                        per_token(tally.routers, tally.tokens),
-                                        per_token(tally.predictors, tally.tokens))
-
-        def summary() -> dict[str, Any]:
-            run = per_token(tally.run, tally.tokens)
-            return {"realised_capacity": sum(run) / m, "capacity_per_layer": run,
-                    "capacity": capacity, "routed_layers": self.layers, "tokens": tally.tokens}
-
-        try:
-            yield Measurement(flops, summary)
-        finally:
-            self.tally = None
-
-    def token_depth(self) -> Tensor | None:
-        if any(m is None for m in self.masks):
-            return None
-        unrouted = self.backbone.n_layers - len(self.layers)
-        return torch.stack([m for m in self.masks if m is not None]).sum(0) + unrouted
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        run = tally.per_token("run", range(len(self.layers)))
+        return {"realised_capacity": sum(run) / len(run), "capacity_per_layer": run,
+                "capacity": self.capacity, "routed_layers": self.layers,
+                "tokens": int(tally.tokens)}
 
     # -- causal thresholds -----------------------------------------------------------------------
-    def causal_score(self, j: int, x: Tensor) -> Tensor:
-        router = self.routers[j]
-        return router.weight(x) if router.predictor is None else router.predict(x)
-
     @torch.no_grad()
     def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float]:
         """Each routed block's threshold: the (1 - C) quantile of its causal scores on held-out
@@ -414,51 +348,37 @@ class MixtureOfDepths(Method):
         self.eval()
         bb = self.backbone
         try:
-            states = [(*bb.prepare(part), {}) for part in windows.split(chunk)]
+            states = [bb.prepare(part, call=Call(rule="causal")) for part in windows.split(chunk)]
             for i in range(bb.n_layers):
                 j = self.slot.get(i)
-                if j is not None and self.capacity < 1 and self.force is None:
-                    scores = torch.cat([self.causal_score(j, h).flatten() for h, _, _ in states])
-                    threshold, spread = quantile_threshold(scores, self.capacity)
-                    self.routers[j].threshold.fill_(threshold)
-                    self.routers[j].spread.fill_(spread)
+                if j is not None and self.capacity < 1:
+                    scores = torch.cat([self.routers[j].causal_score(h).flatten()
+                                        for h, _ in states])
+                    self.routers[j].rule.calibrate(scores, self.capacity)
                 states = [(bb.run_layer(i, h, ctx) if j is None
-                           else self.routed_block(j, i, h, ctx, state), ctx, state)
-                          for h, ctx, state in states]
+                           else self.routed_block(j, i, h, ctx), ctx) for h, ctx in states]
         finally:
             self.train(was_training)
-        return [r.threshold.item() for r in self.routers]
+        return [r.rule.threshold.item() for r in self.routers]
 
     @torch.no_grad()
-    def measured_over(self, batches) -> Measurement:
-        """What causal decisions ran over batches of token ids (realised capacity, FLOPs)."""
-        with self.measure() as m:
-            for x in batches:
-                self(x)
-        return m
-
-    @torch.no_grad()
-    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+    def after_training(self, calibration: Tensor, held_out: Tensor,
+                       evaluate: Evaluate) -> dict[str, Any]:
         """Calibrate the causal thresholds (unless the paper's 0.5 rule is used), then on other
         held-out windows: how often the causal rule agrees with top-k, the realised capacity,
         and the LM loss under top-k and under causal decisions."""
-        if self.mcfg.threshold == "calibrated":
+        if self.options.threshold == "calibrated":
             self.calibrate(calibration)
         x, y = held_out[:, :-1], held_out[:, 1:]
-        self.decision = "topk"
-        try:
-            topk_loss = causal_lm_loss(self(x).logits, y).item()
-            agree, agree_half = [], []
-            scores = self._topk_scores(x)
-            for j, (score, mask) in enumerate(scores):
-                agree.append(((score > self.routers[j].threshold) == mask).float().mean().item())
-                agree_half.append(((score > 0) == mask).float().mean().item())
-        finally:
-            self.decision = "auto"
-        causal_loss = causal_lm_loss(self(x).logits, y).item()
-        realised = self.measured_over([x]).summary()["capacity_per_layer"]
+        topk_loss = self(x, call=Call(rule="topk")).loss(y).item()
+        agree, agree_half = [], []
+        for j, (score, mask) in enumerate(self._topk_scores(x)):
+            agree.append(((score > self.routers[j].rule.threshold) == mask).float().mean().item())
+            agree_half.append(((score > 0) == mask).float().mean().item())
+        causal_loss = self(x, call=Call(rule="causal")).loss(y).item()
+        realised = self.measured_over([x], Call(rule="causal")).summary()["capacity_per_layer"]
         return {"capacity": self.capacity, "routed_layers": self.layers,
-                "thresholds": [r.threshold.item() for r in self.routers],
+                "thresholds": [r.rule.threshold.item() for r in self.routers],
                 "held_out_loss_topk": topk_loss, "held_out_loss_causal": causal_loss,
                 "causal_agreement_with_topk": agree, "half_rule_agreement_with_topk": agree_half,
                 "realised_capacity_causal": realised}
@@ -466,50 +386,47 @@ class MixtureOfDepths(Method):
     def _topk_scores(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per routed block, the causal scores and the top-k decisions of a top-k forward."""
         bb = self.backbone
-        h, ctx = bb.prepare(x)
+        records: dict[Any, Any] = {}
+        h, ctx = bb.prepare(x, call=Call(rule="topk", records=records))
         out = []
         for i in range(bb.n_layers):
             j = self.slot.get(i)
             if j is None:
                 h = bb.run_layer(i, h, ctx)
                 continue
-            score = self.causal_score(j, h)
-            h = self.routed_block(j, i, h, ctx, {})
-            out.append((score, self.masks[j]))
+            score = self.routers[j].causal_score(h)
+            h = self.routed_block(j, i, h, ctx)
+            out.append((score, records["mask", j]))
         return out
 
     @torch.no_grad()
-    def eval_report(self, data, block_size: int, batch_size: int,
+    def eval_report(self, data: Any, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
         batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
-        measured = self.measured_over(batches)
-        ctx = fl.causal_context(block_size)
-        flops = measured.flops_per_token(ctx)
+        measured = self.measured_over(batches, Call(rule="causal"))
         return {"capacity": self.capacity, "routed_layers": self.layers,
                 "realised_capacity_causal": measured.summary()["capacity_per_layer"],
-                "flops_ratio": flops / self.reference_flops_per_token(ctx),
-                "flops_ratio_to_backbone": flops / sum(
-                    fl.forward_per_token(self.cfg, ctx).values()),
-                "causal": self.mcfg.causal}
+                **self.flops_ratios(measured, fl.causal_context(block_size)),
+                "causal": self.options.causal}
 
     # -- the bench -------------------------------------------------------------------------------
     def _setting(self, capacity: float, thresholds: list[float],
                  spreads: list[float]) -> Callable[[], None]:
         def apply() -> None:
             self.capacity = capacity
-            if self.control is not None:
-                self.control.budget = capacity
             for router, t, s in zip(self.routers, thresholds, spreads, strict=True):
-                router.threshold.fill_(t)
-                router.spread.fill_(s)
+                router.rule.set(t, s)
         return apply
+
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.capacity, self.options.capacity)
 
     def current_knob_value(self) -> float | None:
         return self.capacity
 
     def current_setting(self) -> Callable[[], None]:
-        return self._setting(self.capacity, [r.threshold.item() for r in self.routers],
-                             [r.spread.item() for r in self.routers])
+        return self._setting(self.capacity, [r.rule.threshold.item() for r in self.routers],
+                             [r.rule.spread.item() for r in self.routers])
 
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         """Capacity `value` with thresholds calibrated to it (the trained router and
@@ -518,16 +435,9 @@ class MixtureOfDepths(Method):
         self.calibrate(calibration)
         return self.current_setting()
 
-    def dense_reference(self) -> contextlib.AbstractContextManager[None]:
-        return attribute_set(self, "force", True)
-
-
-def _build(backbone: nn.Module, cfg: MoDConfig) -> MixtureOfDepths:
-    return MixtureOfDepths(backbone, cfg)
-
 
 register("method", "mod")(MethodSpec(
-    name="mod", config=MoDConfig, build=_build, kind="mod",
+    name="mod", config=MoDConfig, build=MixtureOfDepths, kind="mod",
     summary="Mixture-of-Depths: top-C tokens run each routed block, the rest skip it"))
 
-__all__ = ["MixtureOfDepths", "MoDConfig", "Router"]
+__all__ = ["CausalRouting", "MixtureOfDepths", "MoDConfig", "Router", "build_routers"]

@@ -27,9 +27,8 @@ dense reference: every token runs every pass and halted tokens only replay their
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,11 +38,12 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
+from adadepth.depth.dispatch import PLAIN, Call, Subset, Tally
 from adadepth.depth.gates import mlp
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec, attribute_set
+from adadepth.depth.method import Knob, Method, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output
 
 Halting = Literal["learned", "none", "uniform", "geometric"]
 
@@ -119,60 +119,6 @@ def schedule_fractions(passes: int, target: float, kind: str, growth: float) -> 
 
 
 @dataclass
-class Subset:
-    """The tokens of one call that run a pass: their context, where they sit among the call's
-    B*T tokens (`flat`, (B', W), b*T + t), and which entries are real (`real`, False on the
-    padding of ragged rows). `flat` None: every token of the call, in order."""
-
-    ctx: Context
-    flat: Tensor | None = None
-    real: Tensor | None = None
-
-    def gather(self, full: Tensor) -> Tensor:
-        """(B, T, ...) -> (B', W, ...)"""
-        if self.flat is None:
-            return full
-        return full.flatten(0, 1)[self.flat]
-
-    def flat_index(self, batch: int, length: int) -> Tensor:
-        """(B', W) place of every entry among the call's tokens."""
-        if self.flat is None:
-            return torch.arange(batch * length, device=self.ctx.positions.device).view(
-                batch, length)
-        return self.flat
-
-    def real_mask(self, batch: int, length: int) -> Tensor:
-        """(B', W) True on real entries."""
-        if self.real is not None:
-            return self.real
-        shape = self.flat.shape if self.flat is not None else (batch, length)
-        return torch.ones(shape, dtype=torch.bool, device=self.ctx.positions.device)
-
-
-def select_tokens(ctx: Context, active: Tensor) -> Subset | None:
-    """The subset of a call's tokens marked in `active` (B, T), packed per row: each row's
-    active tokens in order, padded to the longest row; rows with none are left out. None when
-    no token is active."""
-    B, T = active.shape
-    if bool(active.all()):
-        return Subset(ctx)
-    counts = active.sum(1)
-    rows = counts.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return None
-    some = rows.numel() < B
-    if T == 1:  # decoding: whole rows
-        return Subset(ctx.select(rows=rows), rows.unsqueeze(1))
-    mask = active.index_select(0, rows) if some else active
-    width = int(counts.max())
-    index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    real = torch.arange(width, device=active.device) < counts.index_select(0, rows).unsqueeze(1)
-    pad = None if bool(real.all()) else ~real
-    sub = ctx.select(rows=rows if some else None, index=index, pad=pad)
-    return Subset(sub, rows.unsqueeze(1) * T + index, None if pad is None else real)
-
-
-@dataclass
 class PonderRecord:
     """What the last forward did: passes per token (B, T), and the gate values it computed
     (real entries only, with their gradient), pass by pass."""
@@ -185,14 +131,16 @@ class PonderModel(Method):
     """A backbone looped K times with gated pondering embeddings and token-wise halting."""
 
     name = "ponder"
-    knob = Knob("tau", (1e-4, 0.1, 0.3, 0.5), low=0.0, high=1.0)
+    knob = Knob("tau", (1e-4, 0.1, 0.3, 0.5), low=0.0, high=1.0,
+                sweep=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9))  # 0: every pass; near 1: one
     depth_unit = "passes"
 
-    def __init__(self, backbone: nn.Module, cfg: PonderConfig) -> None:
-        super().__init__(backbone)
-        self.pcfg = cfg
+    options: PonderConfig
+
+    def __init__(self, backbone: LayerStack, cfg: PonderConfig) -> None:
+        super().__init__(backbone, cfg)
         self.passes = cfg.passes
-        self.tau = cfg.tau
+        self.tau = cfg.tau  # the knob's one value
         if cfg.halting in ("uniform", "geometric"):
             if cfg.schedule_passes is None or cfg.schedule_passes > cfg.passes:
                 raise UserError(f"halting {cfg.halting} needs schedule_passes in [1, "
@@ -208,14 +156,11 @@ class PonderModel(Method):
             nn.init.constant_(gate[-1].bias, cfg.gate_bias)
         p = next(backbone.parameters())
         self.gates.to(device=p.device, dtype=p.dtype)
-        self.force_open = False  # the dense reference: every gate open, every pass run
         self.from_scratch = False
-        self.record: PonderRecord | None = None
-        self._meters: list[Tensor] = []
 
-    @property
-    def gated(self) -> bool:
-        return self.pcfg.halting == "learned" and not self.force_open
+    def gated(self, call: Call) -> bool:
+        """Learned halting, unless the call forces every gate open (the dense reference)."""
+        return self.options.halting == "learned" and call.force is not True
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """One K/V set per pass."""
@@ -223,15 +168,15 @@ class PonderModel(Method):
 
     # -- the forward -----------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
         bb, K, L = self.backbone, self.passes, self.backbone.n_layers
         B, T = idx.shape
-        scale = math.sqrt(self.cfg.d_model) if self.pcfg.scale_embeds else 1.0
+        scale = math.sqrt(self.cfg.d_model) if self.options.scale_embeds else 1.0
         embeds = bb.embed(idx) * scale
-        masked = self.pcfg.dispatch == "masked"
+        masked = self.options.dispatch == "masked"
         if masked and cache is not None:
             raise ValueError("dispatch masked is the dense reference: it keeps no cache")
-        halts = K > 1 and (self.gated or (self.pcfg.halting != "none" and not self.force_open))
+        halts = K > 1 and self.options.halting != "none" and call.force is not True
         store = cache
         if store is None and halts and not masked:  # KV reuse within the call needs K/V sets
             end = start + T if positions is None else int(positions.max()) + 1
@@ -246,10 +191,11 @@ class PonderModel(Method):
             x, ctx = bb.prepare(embeds=embeds, cache=store, start=start, positions=positions)
             ctx = ctx.with_kv_offset(i * L)
             if i > 0 and store is not None and not bool(active.all()):
-                halted = select_tokens(ctx, ~active)
+                halted = Subset.of(ctx, ~active)
+                assert halted is not None
                 for layer in range(L):  # KV reuse: halted tokens keep their last pass's K/V
                     store.carry((i - 1) * L + layer, i * L + layer, halted.ctx)
-            sub = Subset(ctx, None, active) if masked else select_tokens(ctx, active)
+            sub = Subset.whole(ctx, B, T) if masked else Subset.of(ctx, active)
             if sub is None:  # every token of the call has halted (the cache still gets K/V)
                 if cache is None:
                     break
@@ -263,17 +209,17 @@ class PonderModel(Method):
                 h = bb.run_layer(layer, h, sub.ctx)
             normed = bb.final_norm(h)
             logits = bb.unembed(normed)
-            flat, real = sub.flat_index(B, T), sub.real_mask(B, T)
+            flat, real = sub.flat_index(), active if masked else sub.real_mask()
             passes[flat[real]] += 1
             if logits_out is None:
                 logits_out = logits.new_empty(B * T, logits.shape[-1])
                 hidden_out = h.new_empty(B * T, h.shape[-1])
             done = real
             if i < K - 1:  # decide who goes on, and give them their pondering embedding
-                go, gate = self._continue(i, sub, normed, idx, real, record)
+                go, gate = self._continue(i, sub, normed, idx, real, record, call)
                 e = bb.embed_soft(logits.float().softmax(-1)) * scale
                 step = e if gate is None else gate.unsqueeze(-1).to(e.dtype) * e
-                if sub.flat is None:
+                if sub.is_whole:
                     embeds = embeds + step
                 else:
                     embeds = embeds.flatten(0, 1).index_copy(
@@ -287,69 +233,72 @@ class PonderModel(Method):
             if cache is None and not bool(active.any()):
                 break
         assert logits_out is not None and hidden_out is not None
-        self.record = record
-        if self._meters:
-            counts = torch.bincount(passes, minlength=K + 1).double().cpu()
-            for meter in self._meters:
-                meter += counts
+        call.record("ponder", record)
+        if call.tally is not None:
+            for p, n in enumerate(torch.bincount(passes, minlength=K + 1).tolist()):
+                call.count("passes", n, p)
+        call.note_depth(record.passes)
         return Output(logits_out.view(B, T, -1), hidden_out.view(B, T, -1))
 
     def _continue(self, i: int, sub: Subset, normed: Tensor, idx: Tensor, real: Tensor,
-                  record: PonderRecord) -> tuple[Tensor, Tensor | None]:
+                  record: PonderRecord, call: Call) -> tuple[Tensor, Tensor | None]:
         """Which real entries run pass i+1, and the gate values that scale their pondering
         embedding (None: unscaled)."""
-        if self.gated:
+        if self.gated(call):
             gate = self.gates[min(i, len(self.gates) - 1)]
             s = torch.sigmoid(gate(normed).squeeze(-1).float())
             record.gates.append(s[real])
             return real & (s >= self.tau), s
-        if self.pcfg.halting == "none" or self.force_open:
+        if self.options.halting == "none" or call.force is True:
             return real, None
         positions = sub.ctx.positions.expand(real.shape[0], -1)
-        draw = token_uniform(positions, sub.gather(idx), i, self.pcfg.schedule_seed)
+        draw = token_uniform(positions, sub.gather(idx), i, self.options.schedule_seed)
         return real & (draw >= self.fractions[i]), None
 
     # -- training ------------------------------------------------------------------------------
     def k_at(self, step: int) -> float:
         """k of the bottom-k loss at `step`: 0 through the cross-entropy stage, then rising
         linearly to its value over k_warmup_steps."""
-        cfg = self.pcfg
+        cfg = self.options
         if step < cfg.ce_steps:
             return 0.0
         ramp = (step - cfg.ce_steps + 1) / cfg.k_warmup_steps if cfg.k_warmup_steps else 1.0
         return cfg.k * min(1.0, ramp)
 
-    def training_loss(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, x: Tensor, y: Tensor, step: int) -> StepLoss:
         """CE + lambda * bottomK_k(gates): the mean of the smallest k-fraction of the gate
         values computed in the batch (tokens x passes)."""
-        ce = causal_lm_loss(self(x).logits, y)
-        record = self.record
-        assert record is not None
+        records: dict[str, Any] = {}
+        ce = self(x, call=Call(records=records)).loss(y)
+        record: PonderRecord = records["ponder"]
         metrics = {"lm_loss": ce.item(), "avg_passes": record.passes.float().mean().item()}
         loss = ce
         k = self.k_at(step)
         if record.gates:
             gates = torch.cat(record.gates)
             metrics["gate_mean"] = gates.mean().item()
-            if k > 0 and self.pcfg.lam > 0:
+            if k > 0 and self.options.lam > 0:
                 sparsity = bottom_k_mean(gates, k)
-                loss = ce + self.pcfg.lam * sparsity
+                loss = ce + self.options.lam * sparsity
                 metrics["bottom_k"] = sparsity.item()
         metrics["k"] = k
-        return loss, metrics
+        counts = torch.bincount(record.passes.flatten(), minlength=self.passes + 1)
+        forward = self.flops_per_token(counts.double().cpu(), fl.causal_context(x.shape[1]),
+                                       self.gated(PLAIN))
+        return StepLoss(loss, metrics, forward * (3 if self.trains_backbone else 2))
 
     def set_trainable(self, from_scratch: bool) -> None:
         """From scratch everything trains; over a pretrained backbone the gates train, and the
         backbone too after the gates-only stage (`held_back`) unless train_backbone is off."""
         self.from_scratch = from_scratch
-        self.trains_backbone = from_scratch or self.pcfg.train_backbone
+        self.trains_backbone = from_scratch or self.options.train_backbone
         self.requires_grad_(self.trains_backbone)
         self.gates.requires_grad_(True)
 
     def held_back(self, step: int) -> set[str]:
         """Continued pretraining: the backbone sits out the first gates_only_steps steps."""
         if (self.from_scratch or not self.trains_backbone or not len(self.gates)
-                or step >= self.pcfg.gates_only_steps):
+                or step >= self.options.gates_only_steps):
             return set()
         return {f"backbone.{name}" for name, _ in self.backbone.named_parameters()}
 
@@ -358,20 +307,13 @@ class PonderModel(Method):
         return len(self.gates) > 0  # a pass no token reaches leaves its gate without gradient
 
     def training_flops_per_token(self, seq_len: int) -> float:
-        """The forward of the last step as it ran (its passes), plus a backward of twice that
-        when the backbone trains, once that when only the gates do."""
-        context = fl.causal_context(seq_len)
-        if self.record is None:
-            forward = self.reference_flops_per_token(context)
-        else:
-            counts = torch.bincount(self.record.passes.flatten(), minlength=self.passes + 1)
-            forward = self.flops_per_token(counts.double().cpu(), context, self.gated)
+        """Before a step has run: every token every pass (a step says what it ran, with its
+        loss), plus a backward of twice that when the backbone trains, once that when only the
+        gates do."""
+        forward = self.reference_flops_per_token(fl.causal_context(seq_len))
         return forward * (3 if self.trains_backbone else 2)
 
     # -- saving ---------------------------------------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.pcfg.model_dump()
-
     def method_modules(self) -> dict[str, nn.Module]:
         return {"gates": self.gates} if len(self.gates) else {}
 
@@ -405,31 +347,36 @@ class PonderModel(Method):
         """The backbone alone: one pass."""
         return sum(fl.forward_per_token(self.cfg, context).values())
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Passes per token over every forward in the block (a histogram), and the FLOPs that
-        histogram ran at the setting measured."""
-        counts = torch.zeros(self.passes + 1, dtype=torch.float64)
-        gated, tau = self.gated, self.tau
-        self._meters.append(counts)
+    def tally_flops(self, tally: Tally, context: float) -> float:
+        """The FLOPs of the passes histogram counted, gated as the method runs."""
+        counts = torch.tensor(tally.sites("passes", range(self.passes + 1)), dtype=torch.float64)
+        return self.flops_per_token(counts, context, self.gated(PLAIN))
 
-        def summary() -> dict[str, Any]:
-            n = max(float(counts.sum()), 1.0)
-            return {"avg_passes": float((counts * torch.arange(len(counts))).sum()) / n,
-                    "passes_histogram": [int(c) for c in counts.tolist()[1:]],
-                    "tau": tau if gated else None, "tokens": int(counts.sum())}
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Against the one-pass backbone: the passes beyond the first (layers and head), the
+        pondering embeddings, the gates."""
+        counts = tally.sites("passes", range(self.passes + 1))
+        n = max(sum(counts), 1.0)
+        passes = sum(p * c for p, c in enumerate(counts)) / n
+        between = sum(min(p, self.passes - 1) * c for p, c in enumerate(counts)) / n
+        f = self.pass_flops(context)
+        return {"passes beyond the first": (passes - 1) * (f["layers"] + f["head"]),
+                "pondering embeddings": between * f["soft"],
+                "gates": between * f["gate"] if self.gated(PLAIN) else 0.0}
 
-        try:
-            yield Measurement(lambda context: self.flops_per_token(counts, context, gated),
-                              summary)
-        finally:
-            self._meters.remove(counts)
-
-    def token_depth(self) -> Tensor | None:
-        return None if self.record is None else self.record.passes
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        """Passes per token (mean and histogram) at the setting measured."""
+        counts = tally.sites("passes", range(self.passes + 1))
+        n = max(sum(counts), 1.0)
+        return {"avg_passes": sum(p * c for p, c in enumerate(counts)) / n,
+                "passes_histogram": [int(c) for c in counts[1:]],
+                "tau": self.tau if self.gated(PLAIN) else None, "tokens": int(sum(counts))}
 
     def most_token_depth(self) -> float:
         return float(self.passes)
+
+    def depth_fraction(self, depth: float) -> float:
+        return depth  # every pass runs the whole stack
 
     @torch.no_grad()
     def eval_report(self, data, block_size: int, batch_size: int,
@@ -437,19 +384,19 @@ class PonderModel(Method):
         """Passes per token on held-out text (mean and histogram) and the FLOPs they cost
         relative to fixed-K pondering and to the backbone alone."""
         context = fl.causal_context(block_size)
-        with self.measure() as m:
-            for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
-                self(x.to(next(self.parameters()).device))
+        runner, m = self.measured()
+        for x, _ in data.eval_batches("val", batch_size, block_size, max_batches):
+            runner(x.to(next(self.parameters()).device))
         flops = m.flops_per_token(context)
         return {**{k: v for k, v in m.summary().items() if k != "tokens"},
-                "passes": self.passes, "halting": self.pcfg.halting,
+                "passes": self.passes, "halting": self.options.halting,
                 "flops_vs_fixed_k": flops / self.reference_flops_per_token(context),
                 "flops_vs_backbone": flops / self.backbone_flops_per_token(context)}
 
     # -- the bench -----------------------------------------------------------------------------
     def _check_knob(self) -> None:
-        if self.pcfg.halting != "learned" or self.passes < 2:
-            raise UserError(f"this ponder run halts by {self.pcfg.halting!r} with "
+        if self.options.halting != "learned" or self.passes < 2:
+            raise UserError(f"this ponder run halts by {self.options.halting!r} with "
                             f"{self.passes} passes: it has no gate threshold (tau) to bench")
 
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
@@ -458,16 +405,19 @@ class PonderModel(Method):
             raise UserError(f"tau settings must lie in [0, 1), got {value:g}")
         return lambda: setattr(self, "tau", value)
 
+    def trained_range(self) -> tuple[float, float] | None:
+        return (self.options.tau, self.options.tau)
+
     def current_knob_value(self) -> float | None:
-        return self.tau if self.pcfg.halting == "learned" else None
+        return self.tau if self.options.halting == "learned" else None
 
     def current_setting(self) -> Callable[[], None]:
         tau = self.tau
         return lambda: setattr(self, "tau", tau)
 
-    def dense_reference(self) -> contextlib.AbstractContextManager[None]:
+    def dense_reference(self) -> nn.Module:
         """Fixed-K pondering on the same weights: every gate open, every token every pass."""
-        return attribute_set(self, "force_open", True)
+        return super().dense_reference()
 
 
 register("method", "ponder")(MethodSpec(

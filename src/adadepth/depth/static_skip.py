@@ -11,27 +11,30 @@ docs/methods/static-skip.md says which choices are ShortGPT's and which are ours
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
-from torch import Tensor, nn
+from torch import Tensor
 
 from adadepth import flops as fl
 from adadepth.config import Strict
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.dispatch import PLAIN, Call, Tally
+from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import KVCache, Output, causal_lm_loss
+from adadepth.model import KVCache, LayerStack, Output
 
 
 class StaticSkipConfig(Strict):
     """Static layer skipping; defaults are ShortGPT's or ours (docs/methods/static-skip.md)."""
 
+    budget_of: Literal["stack", "model"] = Field(
+        "stack", description="what the budget is a fraction of: the layer stack's FLOPs (what "
+        "is skipped), or the whole model's, LM head included (which no skip removes)")
     budget: float = Field(0.75, gt=0, le=1, description="inference FLOPs as a fraction of the "
                           "dense model's")
     selection: Literal["one_shot", "iterative"] = Field(
@@ -52,32 +55,33 @@ class StaticSkip(Method):
     knob = Knob("budget", (1.0, 0.75, 0.5, 0.25), low=0.0, high=1.0)
     depth_unit = "layers run"
 
-    def __init__(self, backbone: nn.Module, cfg: StaticSkipConfig) -> None:
-        super().__init__(backbone)
-        self.scfg = cfg
+    options: StaticSkipConfig
+
+    def __init__(self, backbone: LayerStack, cfg: StaticSkipConfig) -> None:
+        super().__init__(backbone, cfg)
         n = backbone.n_layers
         if n < 2:
             raise UserError(f"static layer skipping needs a backbone of 2 or more layers, this "
                             f"one has {n}")
         if any(not 0 <= i < n for i in cfg.keep):
             raise UserError(f"static-skip.keep {cfg.keep} must name layers in 0..{n - 1}")
-        self.budget = cfg.budget
+        self.budget = cfg.budget  # the knob's value, with the layers it chose (`skipped`)
         self.register_buffer("influence", torch.full((n,), float("nan")))
         self.register_buffer("skipped", torch.zeros(n, dtype=torch.bool))
         self.kept = list(range(n))  # the layers a forward runs (a host list: no sync per call)
-        self.tokens = self.layer_tokens = 0  # what forwards ran, for measure()
-        self.last: tuple[tuple[int, ...], int] | None = None  # the last forward: shape, depth
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
         bb = self.backbone
+        kept = range(bb.n_layers) if call.force is True else self.kept
         x, ctx = bb.prepare(idx, cache, start, positions=positions)
-        for i in self.kept:
+        for i in kept:
             x = bb.run_layer(i, x, ctx)
-        self.tokens += idx.numel()
-        self.layer_tokens += idx.numel() * len(self.kept)
-        self.last = (tuple(idx.shape), len(self.kept))
-        return Output(logits=bb.head(x), hidden=x)
+        call.count("tokens", idx.numel())
+        call.count("layers", idx.numel() * len(kept))
+        if call.depth is not None:
+            call.note_depth(torch.full(idx.shape, len(kept)))
+        return Output(hidden=x, head=bb.head)
 
     def set_skipped(self, layers: list[int]) -> None:
         self.skipped.zero_()
@@ -88,9 +92,6 @@ class StaticSkip(Method):
         return [i for i in range(self.backbone.n_layers) if i not in self.kept]
 
     # -- saving and training ---------------------------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.scfg.model_dump()
-
     def method_buffers(self) -> dict[str, Tensor]:
         return {"influence": self.influence, "skipped": self.skipped}
 
@@ -125,19 +126,23 @@ class StaticSkip(Method):
         return influence.float()
 
     def skip_count(self, budget: float, context: float) -> int:
-        """How many layers to skip so the FLOPs per token meet `budget` of the dense model's."""
+        """How many layers to skip so the FLOPs per token meet `budget` of the dense layer
+        stack's (`budget_of: stack`) or the dense model's, head included."""
         dense = fl.forward_per_token(self.cfg, context)
         total = sum(dense.values())
         per_layer = (total - dense["lm_head"]) / self.cfg.n_layers
-        available = self.cfg.n_layers - len(set(self.scfg.keep))
+        if self.options.budget_of == "stack":  # the head is no part of what the budget means
+            total -= dense["lm_head"]
+        available = self.cfg.n_layers - len(set(self.options.keep))
         wanted = (1 - budget) * total / per_layer
-        if self.scfg.rounding == "nearest":
+        if self.options.rounding == "nearest":
             return min(available, round(wanted))
         count = math.ceil(wanted - 1e-9)
         if count > available:
             least = (total - available * per_layer) / total
             raise UserError(f"a FLOPs budget of {budget:g} cannot be met: skipping every layer "
-                            f"that may be skipped still costs {least:.3f} of the dense model")
+                            f"that may be skipped still costs {least:.3f} of the dense "
+                            f"{'layer stack' if self.options.budget_of == 'stack' else 'model'}")
         return count
 
     @torch.no_grad()
@@ -149,18 +154,18 @@ class StaticSkip(Method):
         try:
             count = self.skip_count(budget, fl.causal_context(windows.shape[1]))
             self.set_skipped([])
-            if torch.isnan(self.influence).all() or self.scfg.selection == "iterative":
+            if torch.isnan(self.influence).all() or self.options.selection == "iterative":
                 self.influence.copy_(self.block_influence(windows))
             influence = self.influence.clone()
-            influence[self.scfg.keep] = float("inf")
+            influence[self.options.keep] = float("inf")
             chosen: list[int] = []
             while len(chosen) < count:
                 layer = int(torch.nan_to_num(influence, nan=float("inf")).argmin())
                 chosen.append(layer)
                 self.set_skipped(chosen)
-                if self.scfg.selection == "iterative" and len(chosen) < count:
+                if self.options.selection == "iterative" and len(chosen) < count:
                     influence = self.block_influence(windows)
-                    influence[self.scfg.keep] = float("inf")
+                    influence[self.options.keep] = float("inf")
                 else:
                     influence[layer] = float("inf")
         finally:
@@ -169,28 +174,35 @@ class StaticSkip(Method):
         return sorted(chosen)
 
     @torch.no_grad()
-    def after_training(self, calibration: Tensor, held_out: Tensor) -> dict[str, Any]:
+    def after_training(self, calibration: Tensor, held_out: Tensor,
+                       evaluate: Evaluate) -> dict[str, Any]:
         """Choose the layers on `calibration` windows; the LM loss on `held_out` with and
         without them."""
-        windows = calibration[:self.scfg.calibration_windows]
-        chosen = self.choose(windows, self.scfg.budget)
+        windows = calibration[:self.options.calibration_windows]
+        chosen = self.choose(windows, self.options.budget)
         x, y = held_out[:, :-1], held_out[:, 1:]
-        loss = causal_lm_loss(self(x).logits, y).item()
-        with self.dense_reference():
-            dense_loss = causal_lm_loss(self(x).logits, y).item()
+        loss = self(x).loss(y).item()
+        dense_loss = self.dense_reference()(x).loss(y).item()
         context = fl.causal_context(x.shape[1])
         return {"skipped_layers": chosen, "block_influence": self.influence.tolist(),
-                "flops_fraction": self.flops_per_token(context)
-                / self.reference_flops_per_token(context),
+                **self.fractions(context),
                 "held_out_loss": loss, "held_out_loss_dense": dense_loss}
 
     @torch.no_grad()
     def eval_report(self, data, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
         context = fl.causal_context(block_size)
-        return {"budget": self.budget, "skipped_layers": self.skipped_layers(),
+        return {"budget": self.budget, "budget_of": self.options.budget_of,
+                "skipped_layers": self.skipped_layers(),
                 "flops_ratio": self.flops_per_token(context)
-                / self.reference_flops_per_token(context)}
+                / self.reference_flops_per_token(context), **self.fractions(context)}
+
+    def fractions(self, context: float) -> dict[str, float]:
+        """The FLOPs kept, as a fraction of the dense layer stack's and of the whole model's."""
+        head = fl.forward_per_token(self.cfg, context)["lm_head"]
+        total, dense = self.flops_per_token(context), self.reference_flops_per_token(context)
+        return {"flops_fraction_stack": (total - head) / (dense - head),
+                "flops_fraction": total / dense}
 
     # -- cost and the bench ----------------------------------------------------------------------
     def flops_per_token(self, context: float, layers_run: float | None = None) -> float:
@@ -202,34 +214,18 @@ class StaticSkip(Method):
     def reference_flops_per_token(self, context: float) -> float:
         return sum(fl.forward_per_token(self.cfg, context).values())
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Layers run per token over the forwards inside the block (every token runs the kept
-        layers, each attending to every earlier token); the figures freeze when it ends."""
-        start = (self.tokens, self.layer_tokens)
-        frozen: list[tuple[int, int]] = []
-        budget, skipped = self.budget, self.skipped_layers()
+    def tally_flops(self, tally: Tally, context: float) -> float:
+        """Every token runs the kept layers, each attending to every earlier token."""
+        return self.flops_per_token(context, tally.get("layers") / max(tally.tokens, 1))
 
-        def counts() -> tuple[int, int]:
-            return frozen[0] if frozen else (self.tokens - start[0],
-                                             self.layer_tokens - start[1])
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        return {"layers skipped": self.tally_flops(tally, context)
+                - self.dense_flops_per_token(context)}
 
-        def layers_run() -> float:
-            tokens, layer_tokens = counts()
-            return layer_tokens / max(tokens, 1)
-
-        try:
-            yield Measurement(lambda context: self.flops_per_token(context, layers_run()),
-                              lambda: {"layers_run": layers_run(), "skipped_layers": skipped,
-                                       "budget": budget, "tokens": counts()[0]})
-        finally:
-            frozen.append(counts())
-
-    def token_depth(self) -> Tensor | None:
-        if self.last is None:
-            return None
-        shape, depth = self.last
-        return torch.full(shape, depth)
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        return {"layers_run": tally.get("layers") / max(tally.tokens, 1),
+                "skipped_layers": self.skipped_layers(), "budget": self.budget,
+                "tokens": int(tally.tokens)}
 
     def current_knob_value(self) -> float | None:
         return self.budget
@@ -243,17 +239,8 @@ class StaticSkip(Method):
         return apply
 
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
-        self.choose(calibration[:self.scfg.calibration_windows], value)
+        self.choose(calibration[:self.options.calibration_windows], value)
         return self.current_setting()
-
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        restore = self.current_setting()
-        self.set_skipped([])
-        try:
-            yield
-        finally:
-            restore()
 
 
 register("method", "static-skip")(MethodSpec(

@@ -21,7 +21,7 @@ LoRA adds its low-rank products (unmerged, as trained).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,11 @@ from torch import Tensor, nn
 from adadepth import flops as fl
 from adadepth.config import Strict
 from adadepth.data.corpora import one_line
-from adadepth.depth.method import Knob, Measurement, Method, MethodSpec
+from adadepth.depth.dispatch import PLAIN, Call, Tally
+from adadepth.depth.method import Knob, Method, MethodSpec
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import KVCache, Output
+from adadepth.model import KVCache, LayerStack, Output
 
 ADAPTER_DIR = "adapter"  # peft's adapter folder inside a save_pretrained directory
 PEFT_PREFIX = "base_model.model."  # how a PeftModel names the wrapped model's weights
@@ -114,6 +115,18 @@ def without_lora(backbone: nn.Module) -> Iterator[None]:
             setattr(parent, attr, module)
 
 
+@contextlib.contextmanager
+def adapters_off(adapters: Sequence[nn.Module]) -> Iterator[None]:
+    """peft's LoRA layers switched off for the block (the pretrained model), then back on."""
+    for layer in adapters:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in adapters:
+            layer.enable_adapters(True)
+
+
 class TunedModel(Method):
     """A backbone tuned in full, or through LoRA adapters (peft); read through its own head."""
 
@@ -121,33 +134,33 @@ class TunedModel(Method):
     knob = Knob("late_layers", (1.0,), low=0.0, high=1.0, integer=True)
     depth_unit = ""
 
-    def __init__(self, backbone: nn.Module, cfg: BaseModel, lora: LoraOptions | None = None,
+    def __init__(self, backbone: LayerStack, cfg: BaseModel, lora: LoraOptions | None = None,
                  full: bool = False) -> None:
-        super().__init__(backbone)
-        self.tcfg, self.full = cfg, full
+        super().__init__(backbone, cfg)
+        self.full = full
         self.lora_config = inject_lora(backbone, lora) if lora is not None else None
         self.adapters = lora_layers(backbone) if lora is not None else []
-        self.reference = False  # bench: run the pretrained model (adapters off, its own head)
-        self.counts: dict[str, float] | None = None  # what forwards ran, inside measure()
 
     # -- running ----------------------------------------------------------------------------
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
+                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
+        """Forced (`Call(force=True)`, the bench's reference): the pretrained model, adapters
+        off and the backbone's own head."""
+        if call.force is True:
+            with adapters_off(self.adapters):
+                return self.backbone(idx, cache, start, positions=positions)
         out = self.backbone(idx, cache, start, positions=positions)
-        self.count(idx.numel(), heads=1.0, mixed=0.0)
+        self.count(call, idx.numel(), heads=1.0, mixed=0.0)
         return out
 
-    def count(self, tokens: int, heads: float, mixed: float) -> None:
-        """Record a forward for `measure()`: head evaluations and states mixed per token."""
-        if self.counts is not None and not self.reference:
-            self.counts["tokens"] += tokens
-            self.counts["heads"] += heads * tokens
-            self.counts["mixed"] += mixed * tokens
+    @staticmethod
+    def count(call: Call, tokens: int, heads: float, mixed: float) -> None:
+        """Count a forward: its tokens, head evaluations and states mixed per token."""
+        call.count("tokens", tokens)
+        call.count("heads", heads * tokens)
+        call.count("mixed", mixed * tokens)
 
     # -- which parameters train; what is saved -------------------------------------------------
-    def method_config(self) -> dict[str, Any]:
-        return self.tcfg.model_dump()
-
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.adapters for n, p in m.named_parameters() if "lora_" in n]
 
@@ -260,40 +273,28 @@ class TunedModel(Method):
             backward += f["attn_proj"] + f["ffn"] + 2 * f["attn_scores"] + 2 * self.lora_flops()
         return forward + backward
 
-    @contextlib.contextmanager
-    def dense_reference(self) -> Iterator[None]:
-        """The pretrained model: adapters off, the backbone's own head."""
-        self.reference = True
-        for layer in self.adapters:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            self.reference = False
-            for layer in self.adapters:
-                layer.enable_adapters(True)
-
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
         return lambda: None  # one setting: the tuned model as it is
 
     def current_knob_value(self) -> float | None:
         return 1.0
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        counts = {"tokens": 0.0, "heads": 0.0, "mixed": 0.0}
-        self.counts = counts
+    def tally_flops(self, tally: Tally, context: float) -> float:
+        tokens = max(tally.tokens, 1.0)
+        return self.inference_flops_per_token(context, tally.get("heads") / tokens,
+                                              tally.get("mixed") / tokens)
 
-        def per_token(key: str) -> float:
-            return counts[key] / max(counts["tokens"], 1.0)
+    def tally_breakdown(self, tally: Tally, context: float) -> dict[str, float]:
+        """Adapters, head reads beyond one per token, and the ensemble's mixing (router,
+        weighted sums)."""
+        tokens = max(tally.tokens, 1.0)
+        heads, mixed = tally.get("heads") / tokens, tally.get("mixed") / tokens
+        head = fl.forward_per_token(self.cfg, context)["lm_head"]
+        return {"LoRA adapters": self.lora_flops(), "extra head reads": (heads - 1) * head,
+                "mixing": self.extra_flops(heads, mixed)}
 
-        try:
-            yield Measurement(
-                lambda context: self.inference_flops_per_token(context, per_token("heads"),
-                                                               per_token("mixed")),
-                lambda: self.summary(per_token("heads"), counts["tokens"]))
-        finally:
-            self.counts = None
+    def tally_summary(self, tally: Tally) -> dict[str, Any]:
+        return self.summary(tally.get("heads") / max(tally.tokens, 1.0), tally.tokens)
 
     def summary(self, heads: float, tokens: float) -> dict[str, Any]:
         return {"head_evaluations": heads, "lora_parameters": sum(

@@ -6,7 +6,9 @@ final norm and LM head. Families differ only in where those modules live and in 
 decoder layer takes its cache under; `FAMILIES` records that. Each decoder layer's MLP module is
 the FFN that routing replaces (`get_ffn`/`set_ffn`): it is called on the already normalised
 input, as our own blocks' FFNs are (GPT-NeoX's parallel residual and Gemma 3's post-FFN norm stay
-inside the layer's own forward).
+inside the layer's own forward). For Llama and Gemma 3 the adapter also runs a layer's attention
+and FFN sub-blocks apart (`run_attention`, `run_ffn`), calling the layer's own norms, attention
+and MLP in the order its forward does, so their composition is the layer to the bit.
 
 The cache is adadepth's own position-indexed `KVCache`, not transformers' append-only one: a
 decoder layer calls `update(k, v, layer_idx)` on whatever it is given as its cache, and the
@@ -21,6 +23,7 @@ import copy
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -43,15 +46,22 @@ class Family:
     positions: str | None = None  # learned absolute position table (GPT-2)
     dropout: str | None = None  # dropout after the embedding
     rope: Literal["none", "shared", "per_type"] = "shared"
+    # How a decoder layer splits into its attention and FFN sub-blocks, each with its residual
+    # (`run_attention`, `run_ffn`): "pre" norms before each (Llama), "sandwich" norms before and
+    # after each (Gemma 3), "none" where the adapter does not split the layer (GPT-2's and
+    # GPT-NeoX's layers: not supported).
+    sublayers: Literal["none", "pre", "sandwich"] = "none"
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("Llama (SmolLM2)", "model", "layers", "embed_tokens", "norm"),
+    "llama": Family("Llama (SmolLM2)", "model", "layers", "embed_tokens", "norm",
+                    sublayers="pre"),
     "gpt2": Family("GPT-2", "transformer", "h", "wte", "ln_f", positions="wpe", dropout="drop",
                    rope="none"),
     "gpt_neox": Family("GPT-NeoX (Pythia)", "gpt_neox", "layers", "embed_in", "final_layer_norm",
                        cache_arg="layer_past", dropout="emb_dropout"),
-    "gemma3_text": Family("Gemma 3", "model", "layers", "embed_tokens", "norm", rope="per_type"),
+    "gemma3_text": Family("Gemma 3", "model", "layers", "embed_tokens", "norm", rope="per_type",
+                          sublayers="sandwich"),
 }
 SUPPORTED = ", ".join(f"{k} ({f.label})" for k, f in FAMILIES.items())
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
@@ -175,10 +185,14 @@ class HFAdapter(nn.Module):
         return len(self.layers)
 
     def get_ffn(self, layer: int) -> nn.Module:
-        return self.layers[layer].mlp
+        mlp = self.layers[layer].mlp
+        return mlp.inner if isinstance(mlp, _ContextFFN) else mlp
 
     def set_ffn(self, layer: int, module: nn.Module) -> None:
-        self.layers[layer].mlp = module
+        """A module that takes the call's context (`takes_context`) is installed behind a shim:
+        a transformers layer calls its MLP on the hidden states alone."""
+        self.layers[layer].mlp = (_ContextFFN(module) if getattr(module, "takes_context", False)
+                                  else module)
 
     def _backbone_mode(self, module: nn.Module, _args: Any) -> None:
         if not self.backbone_dropout:
@@ -206,13 +220,13 @@ class HFAdapter(nn.Module):
 
     def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
                 embeds: Tensor | None = None, positions: Tensor | None = None,
-                ) -> tuple[Tensor, Context]:
+                call: Any = None) -> tuple[Tensor, Context]:
         x = self.embed(idx) if embeds is None else embeds
         T = x.shape[1]
         if positions is None:
-            ctx = Context.block(start, T, x.device, cache)
+            ctx = Context.block(start, T, x.device, cache, call)
         else:
-            ctx = Context.at(positions.to(x.device), cache)
+            ctx = Context.at(positions.to(x.device), cache, call)
         if ctx.end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
         dec, fam = self.decoder, self.family
@@ -247,7 +261,9 @@ class HFAdapter(nn.Module):
                 ~mask, torch.finfo(x.dtype).min)
         return mask
 
-    def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+    def _attention_kwargs(self, layer: int, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """What a decoder layer (or its attention) is called with: the mask, the positions,
+        the cache view and the rotary tables of the call. Marks the cache slots it writes."""
         view, n, slot = None, x.shape[1], ctx.kv_offset + layer
         if ctx.cache is not None:
             n = ctx.cache.mark(slot, ctx)
@@ -257,11 +273,51 @@ class HFAdapter(nn.Module):
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
-        out = self.layers[layer](x, **kwargs)
+        return kwargs
+
+    def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        kwargs = self._attention_kwargs(layer, x, ctx)
+        token = _CURRENT.set(ctx)  # for a context-taking FFN behind its shim
+        try:
+            out = self.layers[layer](x, **kwargs)
+        finally:
+            _CURRENT.reset(token)
         return out[0] if isinstance(out, tuple) else out
 
+    def _split(self, layer: int) -> nn.Module:
+        if self.family.sublayers == "none":
+            raise UserError(f"{self.family.label} layers are not split into attention and FFN "
+                            "sub-blocks here; skipping attention alone needs a Llama or Gemma 3 "
+                            "backbone")
+        return self.layers[layer]
+
+    def run_attention(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        """The layer's attention sub-block with its residual, from the layer's own modules in
+        the order its forward calls them; `run_ffn` of the result is `run_layer`, exactly."""
+        mod = self._split(layer)
+        out = mod.self_attn(hidden_states=mod.input_layernorm(x),
+                            **self._attention_kwargs(layer, x, ctx))
+        out = out[0] if isinstance(out, tuple) else out
+        if self.family.sublayers == "sandwich":
+            out = mod.post_attention_layernorm(out)
+        return x + out
+
+    def run_ffn(self, layer: int, h: Tensor, ctx: Context) -> Tensor:
+        """The layer's FFN sub-block with its residual (position-wise: any tokens)."""
+        mod = self._split(layer)
+        sandwich = self.family.sublayers == "sandwich"
+        u = mod.pre_feedforward_layernorm(h) if sandwich else mod.post_attention_layernorm(h)
+        token = _CURRENT.set(ctx)  # for a context-taking FFN behind its shim
+        try:
+            out = mod.mlp(u)
+        finally:
+            _CURRENT.reset(token)
+        return h + (mod.post_feedforward_layernorm(out) if sandwich else out)
+
     def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
-        """Only the layer's K/V: the layer runs until its attention stores them, then stops."""
+        """Only the layer's K/V: the layer runs until its attention stores them, then stops.
+        Where the attention has a query projection of its own (Llama, Gemma 3) it is stubbed
+        for the call: the queries are never used, so only K/V projections run."""
         if ctx.cache is None:
             raise ValueError("write_kv needs a cache to write to")
         slot = ctx.kv_offset + layer
@@ -271,10 +327,17 @@ class HFAdapter(nn.Module):
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
+        attn = getattr(self.layers[layer], "self_attn", None)
+        query = getattr(attn, "q_proj", None)
         try:
+            if query is not None:
+                attn.q_proj = _NoQuery(self.cfg.head_dim)
             self.layers[layer](x, **kwargs)
         except _KVWritten:
             return
+        finally:
+            if query is not None:
+                attn.q_proj = query
         raise RuntimeError(f"layer {layer} of {self.family.label} never wrote its cache")
 
     def final_norm(self, hidden: Tensor) -> Tensor:
@@ -295,16 +358,17 @@ class HFAdapter(nn.Module):
         return self.unembed(self.final_norm(hidden))
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
-        x, ctx = self.prepare(idx, cache, start, positions=positions)
+                positions: Tensor | None = None, call: Any = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
-        return Output(logits=self.head(x), hidden=x)
+        return Output(hidden=x, head=self.head)
 
     # -- the backbone's own weights ------------------------------------------------------------
     @contextmanager
     def original_ffns(self) -> Iterator[None]:
-        """Temporarily put the model's own MLPs back (to save or fingerprint the backbone)."""
+        """The model's own MLPs back in place for the block (to save or fingerprint the
+        backbone as it was loaded, whatever a method installed)."""
         current = [layer.mlp for layer in self.layers]
         try:
             for layer, mlp in zip(self.layers, self._mlps, strict=True):
@@ -327,6 +391,35 @@ class HFAdapter(nn.Module):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return digest.hexdigest()
+
+
+# The context of the layer running now: how a transformers layer, which calls its MLP on the
+# hidden states alone, reaches a context-taking FFN (`_ContextFFN`). Set only for the duration of
+# `run_layer`, in the thread that runs it.
+_CURRENT: ContextVar[Context | None] = ContextVar("adadepth_layer_context", default=None)
+
+
+class _ContextFFN(nn.Module):
+    """A context-taking FFN as a transformers layer calls its MLP: `mlp(hidden)`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.inner(u, _CURRENT.get())
+
+
+class _NoQuery(nn.Module):
+    """Stands in for a query projection whose output is never read (`write_kv`): zeros of one
+    head, which the attention reshapes and rotates at no matmul cost before storing K/V."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h.new_zeros(*h.shape[:-1], self.head_dim)
 
 
 def _causal(T: int, n_keys: int, device: torch.device) -> Tensor:

@@ -1,13 +1,23 @@
 """EleutherAI's lm-evaluation-harness on any adadepth run folder: model `adadepth`.
 
+    adadepth eval RUN --tasks hellaswag               # the command line (adadepth.eval)
+    python -m adadepth.hf.harness run --model adadepth --model_args run=RUN --tasks hellaswag
+
     import adadepth.hf.harness, lm_eval
     lm_eval.simple_evaluate(model="adadepth", model_args="run=runs/r_g1", tasks=[...])
 
-Any folder `adadepth.runs.load_run` reads works (dense, routed, a transformers directory), with
-its own tokenizer. Requests are scored as lm-eval's own HF model does: trailing spaces of a
+`run=` (or `pretrained=`, as for lm-eval's `hf`) takes any folder `adadepth.runs.load_run` reads
+(dense, routed, any method's, a transformers directory) or a known backbone name, with its own
+tokenizer. Requests are scored as lm-eval's own HF model does: trailing spaces of a
 context move to the continuation; an empty context is preceded by the end-of-text token;
 rolling log-likelihoods use lm-eval's disjoint windows. Adaptive models run in their deployed
 (causal) mode, so right-padding a batch does not change any real token's score.
+
+lm-eval 0.4.13 loads no plugins (no entry points are read): its `lm_eval` command knows only
+the models listed in its own source tree, so `lm_eval --model adadepth` cannot find ours. Run as
+a module, this file is lm-eval's own command line with `adadepth` registered first (every option
+of `lm_eval run` works). `evaluate` adds what `simple_evaluate` cannot see: the compute an
+adaptive model really ran while answering the tasks (`adadepth eval --tasks` reports it).
 """
 
 from __future__ import annotations
@@ -16,33 +26,77 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # before ours: lm-eval lists its own models (see register)
 import torch
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from adadepth import flops as fl
+from adadepth.depth import Method
+from adadepth.depth.dispatch import Measurement
 from adadepth.errors import UserError
 from adadepth.generate import sample_next
 
+NAME = "adadepth"
 
-@register_model("adadepth")
+
+def register() -> None:
+    """Make `adadepth` an lm-eval model name, leaving lm-eval's own names reachable.
+
+    lm-eval fills its registry lazily: `get_model` imports `lm_eval.models` (which lists its
+    models as "module:Class" placeholders) only while the registry is empty. Registering ours
+    into the empty registry therefore hid every lm-eval model ("no model for this name found!
+    Supported model names: adadepth"); importing `lm_eval.models` above first lists them, in
+    whichever order the two are imported. Ours is a placeholder too, named by its import path,
+    so running this file as `__main__` registers the same entry as importing it does.
+    """
+    if NAME not in model_registry:
+        model_registry.register(NAME, target="adadepth.hf.harness:AdadepthLM")
+
+
+register()
+
+
 class AdadepthLM(LM):
-    def __init__(self, run: str | None = None, device: str = "cpu", batch_size: int | str = 8,
-                 max_length: int | None = None, loaded: Any = None, **_: Any) -> None:
+    def __init__(self, run: str | None = None, device: str | None = "cpu",
+                 batch_size: int | str = 8, max_length: int | None = None, loaded: Any = None,
+                 pretrained: str | None = None, **_: Any) -> None:
         super().__init__()
         from adadepth import runs
         from adadepth.train.loop import resolve_device
 
+        if device in (None, "cuda:0") and not torch.cuda.is_available():
+            # lm-eval's command line passes its --device default, cuda:0, on any machine; its
+            # own HF model then runs wherever it can, and so does ours.
+            device = "auto"
+        # `pretrained=` as lm-eval's `hf` model takes it; lm-eval also names its --output_path
+        # subfolder after it (after `run=`, it would pick a random name).
+        run = run or pretrained
         if loaded is None:
             if run is None:
                 raise UserError("the adadepth lm-eval model needs run=<run folder>")
-            loaded = runs.load_run(Path(run), str(resolve_device(device)))
+            dev = str(resolve_device(device))
+            loaded = runs.load_model(run, dev)
         self.model, self.tok = loaded.model.eval(), loaded.tokenizer
+        # An adaptive model runs counting what it computes (`Method.measured`): `evaluate`
+        # reports the count beside the scores.
+        self.runner, self.measurement = (self.model.measured() if isinstance(self.model, Method)
+                                         else (self.model, None))
         self._device = next(self.model.parameters()).device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         limit = self.model.cfg.max_seq_len
         self.max_length = min(int(max_length), limit) if max_length else limit
         self.prefix = self.tok.eos_id  # None for character models: their first token is free
+        # What the forwards ran, padding included: tokens fed, and the keys they attended to
+        # (the mean context that prices attention in the realised compute, see `evaluate`).
+        self.tokens_run = self.keys_attended = 0
+
+    def _forward(self, x: torch.Tensor, cache: Any = None, start: int = 0) -> torch.Tensor:
+        rows, width = x.shape
+        self.tokens_run += rows * width
+        self.keys_attended += rows * (width * start + width * (width + 1) // 2)
+        return self.runner(x, cache, start).logits
 
     # -- scoring ----------------------------------------------------------------------------------
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -74,7 +128,7 @@ class AdadepthLM(LM):
             x = torch.zeros(len(rows), width, dtype=torch.long)
             for r, (_, inp, _) in enumerate(rows):
                 x[r, :len(inp)] = torch.tensor(inp)
-            logp = self.model(x.to(self._device)).logits.float().log_softmax(-1).cpu()
+            logp = self._forward(x.to(self._device)).float().log_softmax(-1).cpu()
             for r, (i, inp, target) in enumerate(rows):
                 lp = logp[r, len(inp) - len(target):len(inp)]
                 t = torch.tensor(target)
@@ -117,8 +171,8 @@ class AdadepthLM(LM):
         if not ids:
             raise UserError("generation needs a non-empty context for a model without eos")
         ids = ids[-(self.max_length - max_new):]
-        cache = self.model.new_cache(1, len(ids) + max_new)
-        logits = self.model(torch.tensor([ids], device=self._device), cache, 0).logits[:, -1]
+        cache = self.runner.new_cache(1, len(ids) + max_new)
+        logits = self._forward(torch.tensor([ids], device=self._device), cache, 0)[:, -1]
         out: list[int] = []
         for step in range(max_new):
             nxt = sample_next(logits, temperature, None)
@@ -130,7 +184,7 @@ class AdadepthLM(LM):
             if any(u in text for u in until):
                 break
             if step + 1 < max_new:
-                logits = self.model(nxt, cache, len(ids) + step).logits[:, -1]
+                logits = self._forward(nxt, cache, len(ids) + step)[:, -1]
         text = self.tok.decode(out)
         for u in until:
             text = text.split(u)[0]
@@ -143,3 +197,80 @@ class AdadepthLM(LM):
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
         return out
+
+
+# -- tasks and the realised compute ---------------------------------------------------------------
+def resolve_tasks(tasks: list[str], include_path: Path | None = None) -> tuple[list[Any], Any]:
+    """lm-eval's own reading of `--tasks` (names, globs, comma lists, YAML files) against its
+    task index and the folder `include_path`; returns the resolved tasks and the TaskManager
+    that holds them. Called before a model is loaded, so a misspelt task fails fast."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    if include_path is not None and not Path(include_path).is_dir():
+        # lm-eval silently skips a missing folder, then reports its tasks as unknown.
+        raise UserError(f"include path {include_path} is not a folder")
+    cfg = EvaluatorConfig(tasks=tasks, include_path=None if include_path is None
+                          else str(include_path))
+    try:
+        manager = cfg.process_tasks()
+    except ValueError as e:  # lm-eval's "Tasks not found: x, y"
+        missing = str(e).partition(": ")[2] or str(e)
+        where = f" nor in {include_path}" if include_path is not None else ""
+        raise UserError(f"unknown task {missing}: not lm-eval's{where} (`lm-eval ls tasks` "
+                        "lists lm-eval's; a local task's YAML goes in a folder given to "
+                        "--include-path)") from e
+    return list(cfg.tasks), manager
+
+
+def evaluate(lm: AdadepthLM, tasks: list[str], include_path: Path | None = None,
+             limit: int | float | None = None, num_fewshot: int | None = None,
+             resolved: tuple[list[Any], Any] | None = None) -> dict[str, Any]:
+    """lm-eval's results for `tasks` on `lm`, as `lm_eval run` computes them, plus `compute`:
+    what the model really ran while answering them.
+
+    `compute.flops_ratio` is the FLOPs per token the forwards cost over those of the dense
+    backbone, at the mean context of the tokens fed (padding included: it is what ran); an
+    adaptive method adds its own record (full fraction, layers or passes per token, ...).
+    """
+    names, manager = resolved or resolve_tasks(tasks, include_path)
+    before = lm.tokens_run, lm.keys_attended
+    counted = lm.measurement.tally.copy() if lm.measurement is not None else None
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                          limit=limit, num_fewshot=num_fewshot,
+                                          log_samples=False)
+    except OSError as e:  # a task's data could not be read or downloaded
+        raise UserError(f"lm-eval could not load the data of {', '.join(map(str, tasks))}:"
+                        f" {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                        "(without a network, evaluate a local task: --include-path)") from e
+    tokens = lm.tokens_run - before[0]
+    context = (lm.keys_attended - before[1]) / max(tokens, 1)
+    measurement = None
+    if lm.measurement is not None and counted is not None:  # what ran for these tasks alone
+        model = lm.model
+        measurement = Measurement(lm.measurement.tally.minus(counted), model.tally_flops,
+                                  model.tally_summary)
+    results["compute"] = compute_report(lm.model, measurement, tokens, context)
+    return results
+
+
+def compute_report(model: Any, measurement: Measurement | None, tokens: int,
+                   context: float) -> dict[str, Any]:
+    report: dict[str, Any] = {"tokens_run": tokens, "mean_context": context}
+    if measurement is None:  # a dense model runs every layer on every token
+        return {**report, "flops_ratio": 1.0}
+    dense = sum(fl.forward_per_token(model.cfg, context).values())
+    return {**report, "flops_ratio": measurement.flops_per_token(context) / dense,
+            **measurement.summary()}
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with `adadepth` registered
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        cli_evaluate()
+    except UserError as e:  # ours (a missing run folder, ...): one line, as `adadepth` says it
+        print(f"adadepth: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,13 +1,15 @@
 """`adadepth fit`: train any registered method, over a pretrained backbone or from scratch.
 
 The method supplies its model (`MethodSpec.build`), which weights train (`set_trainable`), its
-loss (`training_loss`), any staging (`held_back`) and what deployment needs calibrated after
-training (`after_training`); this job supplies everything else once: the backbone or a fresh
-model of a preset, the data, the training loop, the run folder, resume checks and metrics.
-Commands such as `adadepth ponder` and `adadepth tune` are this job with the method fixed.
+loss (`training_loss`), any staging (`held_back`), what it measures before and after training
+(`begin_training`, `run_figures`) and what deployment needs calibrated after training
+(`after_training`); this job supplies everything else once: the backbone or a fresh model of a
+preset, the data, the training loop, the run folder, resume checks and metrics. Commands such
+as `adadepth route`, `adadepth ponder` and `adadepth tune` are this job with the method fixed.
 
-The method's options come from a section named after it, as routing's do: `mod.capacity=0.25`
-on the command line, or a `mod:` mapping in the YAML config.
+The method's options come from a section named after it: `routing.budget=0.25`, `mod.capacity=
+0.25` on the command line, or a `routing:` mapping in the YAML config. Its `MethodSpec.defaults`
+(routing's larger learning rate, say) sit under whatever the config gives.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from adadepth.config import (
     Strict,
     TrainConfig,
     dump_yaml,
+    merge,
     preset,
     validate,
 )
 from adadepth.data import build_tokenizer, load_corpus, prepare_tokens
 from adadepth.depth import Method, method_spec
+from adadepth.depth.method import Evaluate, TrainingPlan
 from adadepth.errors import UserError
-from adadepth.model import Transformer, causal_lm_loss
+from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import StepOutput, evaluate, resolve_device, seed_everything, train
 from adadepth.train.parallel import is_main
@@ -55,15 +59,22 @@ class FitConfig(Strict):
         steps=300, eval_interval=100, ckpt_interval=100, log_interval=10))
 
 
+def fit_defaults(method: str) -> dict[str, Any]:
+    """The `optim` and `train` sections a method's fit starts from: the job's defaults with the
+    method's own (`MethodSpec.defaults`) on top."""
+    base = FitConfig(method=method).model_dump(include={"optim", "train"})
+    return merge(base, method_spec(method).defaults)
+
+
 def fit_config(data: dict[str, Any]) -> FitConfig:
-    """A FitConfig from a nested dict whose method options sit under the method's name."""
+    """A FitConfig from a nested dict whose method options sit under the method's name; the
+    method's default training settings fill what the dict leaves out."""
     data = dict(data)
     name = data.get("method")
     if not isinstance(name, str) or not name:
         raise UserError("fit needs --method (a registered method name)")
     spec = method_spec(name)  # a one-line error naming the known methods
-    if spec.command is not None:
-        raise UserError(f"{name} trains with `adadepth {spec.command}`, not fit")
+    data = merge(spec.defaults, data)
     options = {**(data.pop("options", None) or {}), **(data.pop(name, None) or {})}
     cfg = validate(FitConfig, {**data, "options": options})
     cfg.options = validate(spec.config, options).model_dump()  # typos fail here, in one line
@@ -78,12 +89,14 @@ class MethodObjective(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, y: Tensor, step: int) -> StepOutput:
-        loss, metrics = self.model.training_loss(x, y, step)
-        flops = self.model.training_flops_per_token(x.shape[1]) * y.numel()
-        return StepOutput(loss=loss, metrics=metrics, flops=flops)
+        out = self.model.training_loss(x, y, step)
+        per_token = out.flops_per_token
+        if per_token is None:
+            per_token = self.model.training_flops_per_token(x.shape[1])
+        return StepOutput(loss=out.loss, metrics=out.metrics, flops=per_token * y.numel())
 
     def lm_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return causal_lm_loss(self.model(x).logits, y)
+        return self.model(x).loss(y)
 
     def checkpoint_state(self) -> dict[str, Tensor]:
         return self.model.method_state()
@@ -102,10 +115,7 @@ class MethodObjective(nn.Module):
 def heldout_halves(data, block: int, count: int) -> tuple[Tensor, Tensor]:
     """Disjoint held-out windows: even validation windows to calibrate on, odd ones to measure
     the calibration on (different text from the same distribution)."""
-    val = data.split("val")
-    n = (len(val) - 1) // block
-    windows = torch.from_numpy(val[: n * block].astype("int64")).view(n, block)
-    even, odd = windows[0::2][:count], windows[1::2][:count]
+    even, odd = data.halves("val", block, count)
     return even, (odd if len(odd) else even)
 
 
@@ -141,7 +151,6 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
     backbone, tokenizer, backbone_data, backbone_meta = backbone_for(cfg, device)
     given = cfg.data.model_dump(exclude_unset=True) if cfg.data else {}
     data_cfg = DataConfig(**{**backbone_data, **given})
-    cfg.data = data_cfg
     block = min(data_cfg.block_size, backbone.cfg.max_seq_len)
     corpus = load_corpus(data_cfg.corpus, val_fraction=data_cfg.val_fraction,
                          max_docs=data_cfg.max_docs, text_field=data_cfg.text_field)
@@ -150,7 +159,6 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
     seed_everything(cfg.train.seed)
     model = spec.build(backbone, options)
     model.set_trainable(from_scratch=cfg.backbone is None)
-    model.begin_training(cfg.train.steps)
     meta = {"method": spec.name, "method_config": options.model_dump(), **backbone_meta,
             "data": data_cfg.model_dump()}
     if resume and (out / runs.CONFIG).is_file():
@@ -158,8 +166,17 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
                                     **meta})
     if is_main():  # under torchrun, one process writes the run folder
         runs.write_run_config(out, spec.kind, backbone.cfg, tokenizer, extra=meta)
-        dump_yaml(cfg, out / "config.yaml")
+        dump_yaml(cfg.model_copy(update={"data": data_cfg}), out / "config.yaml")
     objective = MethodObjective(model)
+
+    def loss_on(lm_loss, split: str) -> float:
+        return evaluate(lm_loss, data, split, cfg.train.batch_size, block, device,
+                        cfg.train.eval_batches, cfg.train.amp)[0]
+
+    measure = Evaluate(loss_on, cfg.train.batch_size)
+    init_windows = data.halves("train", block, cfg.train.eval_batches * cfg.train.batch_size)[0]
+    before = model.begin_training(TrainingPlan(cfg.train.steps, cfg.train.seed, measure,
+                                               init_windows.to(device), cfg.backbone is None))
     history: list[dict[str, Any]] = []
     steps, wall = 0, 0.0
     if any(p.requires_grad for p in model.parameters()):
@@ -167,17 +184,24 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
                        desc=f"fit {spec.name}", show_progress=show_progress)
         history, steps, wall = result.history, result.step, result.wall_s
     model.eval()  # a method with nothing to train (static layer skipping) only calibrates
-    calibration, held_out = heldout_halves(data, block, cfg.train.eval_batches
-                                           * cfg.train.batch_size)
+    count = model.calibration_windows(cfg.train.eval_batches * cfg.train.batch_size)
+    calibration, held_out = heldout_halves(data, block, count)
     with torch.no_grad():
-        calibrated = model.after_training(calibration.to(device), held_out.to(device))
-    val, _ = evaluate(objective.lm_loss, data, "val", cfg.train.batch_size, block, device,
-                      cfg.train.eval_batches, cfg.train.amp)
+        calibrated = model.after_training(calibration.to(device), held_out.to(device), measure)
+    val = loss_on(objective.lm_loss, "val")
+    figures = {**before, **calibrated, "val_loss": val}
+    with torch.no_grad():
+        figures.update(model.run_figures(history, figures, measure))
     report = model.eval_report(data, block, cfg.train.batch_size, cfg.train.eval_batches)
     latest = ck.latest_checkpoint(out)
     if is_main():  # again: calibration changed what the method keeps
         ck.save_checkpoint(out, steps, objective.checkpoint_state(),
                            ck.load_train_state(latest) if latest else None)
+    if not model.backbone_trained() and "backbone_checksum" in backbone_meta:
+        with model.original_backbone() as original:
+            if not runs.same_fingerprint(runs.fingerprint(original),
+                                         backbone_meta["backbone_checksum"]):
+                raise RuntimeError(f"training {spec.name} changed the frozen backbone's weights")
     context = fl.causal_context(block)
     lm = [row.get("lm_loss", row["loss"]) for row in history]
     metrics = {
@@ -187,7 +211,7 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
         "training_flops": sum(row["flops"] for row in history),
         "reference_flops_per_token": model.reference_flops_per_token(context),
         "dense_flops_per_token": sum(fl.forward_per_token(model.cfg, context).values()),
-        "wall_s": wall, **calibrated, **report,
+        "wall_s": wall, **figures, **report,
     }
     if math.isnan(val):
         raise RuntimeError("training diverged: the validation loss is NaN")

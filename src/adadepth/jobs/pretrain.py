@@ -11,7 +11,7 @@ from adadepth import runs
 from adadepth.config import PretrainConfig, dump_yaml
 from adadepth.data import build_tokenizer, load_corpus, prepare_tokens
 from adadepth.flops import causal_context, train_per_token
-from adadepth.model import Transformer, causal_lm_loss
+from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import LoopResult, StepOutput, resolve_device, seed_everything, train
 from adadepth.train.parallel import is_main
@@ -25,12 +25,12 @@ class LanguageModeling(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, y: Tensor, step: int) -> StepOutput:
-        loss = causal_lm_loss(self.model(x).logits, y)
+        loss = self.model(x).loss(y)
         flops = train_per_token(self.model.cfg, causal_context(x.shape[1])) * y.numel()
         return StepOutput(loss=loss, flops=flops)
 
     def lm_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return causal_lm_loss(self.model(x).logits, y)
+        return self.model(x).loss(y)
 
     def checkpoint_state(self) -> dict[str, Tensor]:
         return ck.unique_state(self.model)

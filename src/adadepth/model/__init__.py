@@ -1,4 +1,5 @@
 from adadepth.model.cache import Context, KVCache, attention_mask
+from adadepth.model.stack import LayerStack
 from adadepth.model.transformer import (
     Block,
     Output,
@@ -6,16 +7,19 @@ from adadepth.model.transformer import (
     SwiGLU,
     Transformer,
     causal_lm_loss,
+    chunked_lm_loss,
 )
 
 __all__ = [
     "Block",
     "Context",
     "KVCache",
+    "LayerStack",
     "Output",
     "RMSNorm",
     "SwiGLU",
     "Transformer",
     "attention_mask",
     "causal_lm_loss",
+    "chunked_lm_loss",
 ]

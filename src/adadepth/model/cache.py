@@ -8,9 +8,14 @@ other (speculative decoding accepts a different number of tokens per row). Atten
 built from positions and validity, never from "the queries are the last T positions".
 
 `Context` describes one call of the layer stack: the rows of the batch (a subset of the cache's
-rows, or all), the absolute position of every token, and the cache. `Context.select` gives the
-context of a subset of those tokens (gathered with their own positions), so a block can run on
-the tokens a method chose.
+rows, or all), the absolute position of every token, the cache, and the adaptive method's
+per-call instructions (`call`, opaque to the core: it only carries them to the modules a method
+installed inside the stack). `Context.select` gives the context of a subset of those tokens
+(gathered with their own positions), so a block can run on the tokens a method chose.
+
+A context may also only read (`Context.reading`): its queries attend to K/V already in the cache
+at other layers and write none (recursive KV sharing: later recursions of a shared block read the
+first recursion's K/V).
 
 Writes are in place at inference; when autograd is recording (a looped model keeping the K/V of
 halted tokens while training), they are out of place, so earlier reads stay valid for backward.
@@ -72,6 +77,8 @@ class KVCache:
     # -- writing ------------------------------------------------------------------------------
     def mark(self, layer: int, ctx: Context) -> int:
         """Mark the slots this call writes as valid; returns the layer's extent after it."""
+        if not ctx.writes:
+            return self.extent[layer]
         if ctx.contiguous:
             self.valid[layer, :, ctx.start:ctx.end] = True
             if ctx.start > self.extent[layer]:  # a gap below the new block
@@ -85,6 +92,8 @@ class KVCache:
 
     def store(self, layer: int, k: Tensor, v: Tensor, ctx: Context) -> None:
         """Write K/V (B', H, T, hd) of this call's tokens into their slots."""
+        if not ctx.writes:
+            return
         functional = torch.is_grad_enabled() and (
             k.requires_grad or v.requires_grad or self.k[layer].requires_grad)
         k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
@@ -135,7 +144,9 @@ class Context:
     tokens sit at start..start+T-1, the common case that needs no index tensors; `rows` picks
     cache rows (None: all, in order); `pad` marks padding entries of a ragged selection, which
     run but write nothing and must be discarded. `memo` holds tables a backbone derives from the
-    positions (rotary tables, masks), built once per call and shared by the layers.
+    positions (rotary tables, masks), built once per call and shared by the layers. `call` is
+    the adaptive method's instructions for this call (`adadepth.depth.dispatch.Call`): the core
+    never reads it, and hands it on to every context derived from this one.
     """
 
     positions: Tensor
@@ -146,17 +157,19 @@ class Context:
     end: int = 0  # 1 + the highest real position (a host int: cache extents need no sync)
     kv_offset: int = 0
     memo: dict[str, Any] = field(default_factory=dict)
+    call: Any = None
+    writes: bool = True
 
     @classmethod
     def block(cls, start: int, length: int, device: torch.device | str,
-              cache: KVCache | None = None) -> Context:
+              cache: KVCache | None = None, call: Any = None) -> Context:
         positions = torch.arange(start, start + length, device=device).unsqueeze(0)
-        return cls(positions, cache, start, end=start + length)
+        return cls(positions, cache, start, end=start + length, call=call)
 
     @classmethod
-    def at(cls, positions: Tensor, cache: KVCache | None = None) -> Context:
+    def at(cls, positions: Tensor, cache: KVCache | None = None, call: Any = None) -> Context:
         """Arbitrary per-row positions (B, T), e.g. rows of a batch at different lengths."""
-        return cls(positions, cache, None, end=int(positions.max()) + 1)
+        return cls(positions, cache, None, end=int(positions.max()) + 1, call=call)
 
     @property
     def contiguous(self) -> bool:
@@ -206,11 +219,21 @@ class Context:
             pad = old_pad if pad is None else pad | old_pad
         if pad is not None:
             start = None
-        return Context(positions, self.cache, start, cache_rows, pad, end, self.kv_offset)
+        return Context(positions, self.cache, start, cache_rows, pad, end, self.kv_offset,
+                       call=self.call, writes=self.writes)
 
     def with_kv_offset(self, offset: int) -> Context:
         """The same tokens writing the cache's layers offset.. (masks and tables shared)."""
         return replace(self, kv_offset=offset)
+
+    def reading(self, offset: int) -> Context:
+        """The same tokens attending to the K/V the cache holds at layers offset.., writing none
+        of their own (their slots there must already hold K/V, e.g. from an earlier pass)."""
+        return replace(self, kv_offset=offset, writes=False)
+
+    def with_call(self, call: Any) -> Context:
+        """The same tokens under other instructions (masks and tables shared)."""
+        return replace(self, call=call)
 
 
 def attention_mask(ctx: Context, layer: int, n_keys: int, window: int | None = None,

@@ -1,36 +1,44 @@
 """A decoder-only transformer: pre-norm RMSNorm, RoPE, SwiGLU, optional tied embeddings.
 
 The core knows nothing of training, data or parallelism. Every adaptive-depth method is built on
-the *layer-stack interface* below, which the Hugging Face adapters (`adadepth.hf.adapters`)
-implement too, so a method written once runs on both:
+the *layer-stack interface* below (`LayerStack`, `model/stack.py`), which the Hugging Face
+adapters (`adadepth.hf.adapters`) implement too, so a method written once runs on both:
 
 - `embed(idx)` / `embed_soft(probs)`: token embeddings, and the embedding of a distribution over
   the vocabulary (a looped model's pondering input);
-- `prepare(idx | embeds=..., cache, start | positions=...)`: the hidden states a pass starts
-  from and the `Context` of the call (rows, absolute positions, cache; see `model/cache.py`);
+- `prepare(idx | embeds=..., cache, start | positions=..., call=...)`: the hidden states a pass
+  starts from and the `Context` of the call (rows, absolute positions, cache, and the method's
+  per-call instructions `call`; see `model/cache.py`);
 - `run_layer(i, x, ctx)`: one block on the tokens of `ctx`, which may be a subset chosen with
   `ctx.select(...)` (whole-block skipping), attending to what the cache holds for them;
+- `run_attention(i, x, ctx)` / `run_ffn(i, h, ctx)`: the block's two sub-blocks, each with its
+  residual, whose composition is `run_layer` exactly (skipping attention alone per token);
 - `write_kv(i, x, ctx)`: only the block's keys and values, for tokens whose state is copied up
   past the layer (early exit, halted tokens);
 - `get_ffn(i)` / `set_ffn(i, module)`: each block's FFN is its own module, called on the
-  normalised input, so routing can swap in a per-token choice;
+  normalised input, so routing can swap in a per-token choice; a module with
+  `takes_context = True` is called as `ffn(u, ctx)` and reads the call's instructions there;
 - `final_norm(h)`, `unembed(normed)`, `head(h)`: the unembedding is its own seam, so late-layer
   heads can share it with their own norms (`make_norm()` copies the final one);
 - `new_cache(batch, max_len, sets)`: a `KVCache` for all layers (times `sets`: a looped model
   keeps one set per pass and runs pass i with `ctx.with_kv_offset(i * n_layers)`).
 `forward` is just the chain prepare -> run_layer* -> head.
+
+Where a method goes: `adadepth/depth/` (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from adadepth.config import ModelConfig
 from adadepth.model.cache import Context, KVCache, attention_mask
@@ -240,14 +248,43 @@ class Block(nn.Module):
         self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
-        return h + self.ffn(self.ffn_norm(h))
+        return self.feed(self.attend(x, cos, sin, ctx, layer), ctx)
+
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: Context, layer: int) -> Tensor:
+        """The attention sub-block with its residual: x + attn(norm(x))."""
+        return x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
+
+    def feed(self, h: Tensor, ctx: Context) -> Tensor:
+        """The FFN sub-block with its residual: h + ffn(norm(h))."""
+        u = self.ffn_norm(h)
+        return h + (self.ffn(u, ctx) if getattr(self.ffn, "takes_context", False)
+                    else self.ffn(u))
 
 
-@dataclass
 class Output:
-    logits: Tensor
-    hidden: Tensor  # final hidden state before the last norm
+    """A forward's result: the final hidden state (before the last norm) and the logits, given,
+    or computed from the hidden state by `head` when first read. `loss` never needs them all at
+    once: with a head it computes the LM loss position chunk by position chunk."""
+
+    def __init__(self, logits: Tensor | None = None, hidden: Tensor | None = None, *,
+                 head: Callable[[Tensor], Tensor] | None = None) -> None:
+        if logits is None and (head is None or hidden is None):
+            raise ValueError("an Output needs its logits, or a hidden state and a head")
+        self._logits, self.hidden, self.head = logits, hidden, head
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            assert self.head is not None and self.hidden is not None
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    def loss(self, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the next tokens `targets` (B, T), in nats, computed in fp32."""
+        if self._logits is not None or self.head is None:
+            return causal_lm_loss(self.logits, targets, reduction)
+        assert self.hidden is not None
+        return chunked_lm_loss(self.head, self.hidden, targets, reduction)
 
 
 class Transformer(nn.Module):
@@ -303,15 +340,15 @@ class Transformer(nn.Module):
 
     def prepare(self, idx: Tensor | None = None, cache: KVCache | None = None, start: int = 0, *,
                 embeds: Tensor | None = None, positions: Tensor | None = None,
-                ) -> tuple[Tensor, Context]:
+                call: Any = None) -> tuple[Tensor, Context]:
         """The hidden states a pass starts from (token ids embedded, or `embeds` as given) and the
         context of the call: positions start..start+T for every row, or `positions` (B, T)."""
         x = self.embed(idx) if embeds is None else embeds
         B, T = x.shape[:2]
         if positions is None:
-            ctx = Context.block(start, T, x.device, cache)
+            ctx = Context.block(start, T, x.device, cache, call)
         else:
-            ctx = Context.at(positions.to(x.device), cache)
+            ctx = Context.at(positions.to(x.device), cache, call)
         if ctx.end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {ctx.end} exceeds max_seq_len {self.cfg.max_seq_len}")
         return x, ctx
@@ -331,6 +368,17 @@ class Transformer(nn.Module):
     def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
         cos, sin = self.rope(ctx)
         return self.blocks[layer](x, cos, sin, ctx, layer)
+
+    def run_attention(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
+        """Only block `layer`'s attention sub-block (with its residual); `run_ffn` of its
+        output is `run_layer`, exactly."""
+        cos, sin = self.rope(ctx)
+        return self.blocks[layer].attend(x, cos, sin, ctx, layer)
+
+    def run_ffn(self, layer: int, h: Tensor, ctx: Context) -> Tensor:
+        """Only block `layer`'s FFN sub-block (with its residual), on any tokens: it is
+        position-wise."""
+        return self.blocks[layer].feed(h, ctx)
 
     def write_kv(self, layer: int, x: Tensor, ctx: Context) -> None:
         """Only the K/V of block `layer` for the tokens of ctx, written to ctx.cache."""
@@ -353,14 +401,46 @@ class Transformer(nn.Module):
         return copy.deepcopy(self.final_norm)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None) -> Output:
-        x, ctx = self.prepare(idx, cache, start, positions=positions)
+                positions: Tensor | None = None, call: Any = None) -> Output:
+        x, ctx = self.prepare(idx, cache, start, positions=positions, call=call)
         for i in range(self.n_layers):
             x = self.run_layer(i, x, ctx)
-        return Output(logits=self.head(x), hidden=x)
+        return Output(hidden=x, head=self.head)
 
 
 def causal_lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy in nats per token, computed in fp32."""
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
     return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+# Logits computed at once in one piece of a chunked loss: 2^24 floats, 64 MiB in fp32 (341
+# positions of SmolLM2's 49,152-token vocabulary, 64 of a 262k one).
+CHUNK_LOGITS = 2**24
+
+
+def chunked_lm_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                    reduction: str = "mean", chunk: int | None = None) -> Tensor:
+    """`causal_lm_loss(head(hidden), targets)` without ever holding the logits of more than
+    `chunk` positions (default: CHUNK_LOGITS logits' worth): each piece's logits are computed,
+    reduced to its losses and dropped; in the backward pass they are recomputed (activation
+    checkpointing), so peak memory is one piece's logits whatever the batch and vocabulary.
+    When the whole call fits in one piece, it is the plain loss, to the bit."""
+    flat_h, flat_t = hidden.flatten(0, -2), targets.flatten()
+    n = flat_t.numel()
+    if chunk is None:
+        with torch.no_grad():  # the vocabulary size, from one position's logits
+            vocab = head(flat_h[:1]).shape[-1]
+        chunk = max(1, CHUNK_LOGITS // vocab)
+    if n <= chunk:
+        return causal_lm_loss(head(hidden), targets, reduction)
+
+    def piece(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="none")
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(piece, flat_h[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False)
+             if grad else piece(flat_h[i:i + chunk], flat_t[i:i + chunk])
+             for i in range(0, n, chunk)]
+    losses = torch.cat(parts)
+    return losses.mean() if reduction == "mean" else losses.view(targets.shape)

@@ -3,86 +3,92 @@
 Pretrains (or reuses) a backbone for the preset, then trains routing controllers on it: G1 and
 G3 under the standard recipe (util + rank, plus jepa for G3) and under A3 (no util, no rank),
 the baselines random / all-full / all-cheap at the same budget, and with `--ablations` A1 (G3
-without jepa), A4 (lambda_jepa sweep), the 25% budget and the on-policy oracle. Every run is a
-folder of its own with its metrics.json, so a re-run skips what is finished.
+without jepa), A4 (lambda_jepa sweep), the 25% budget and the on-policy oracle. Once a learned
+arm and all-cheap of a seed are done, random routing is also trained at the budget whose
+realised inference FLOPs equal the learned arm's (`random@ARM`, equal_flops.py): a learned gate
+costs FLOPs of its own, random gates none.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from adadepth.config import ModelConfig, PretrainConfig, preset
-from adadepth.data import load_corpus
-from adadepth.jobs.pretrain import pretrain
-from adadepth.jobs.route import RouteConfig, route
-from adadepth.studies import report
-from adadepth.studies.plan import run_plan
-from adadepth.studies.recipes import Recipe, check_recipe, recipe_for, write_recipe
-from adadepth.studies.scales import read_results
-from adadepth.train import checkpoint as ck
+from adadepth.studies import aux_losses_report, equal_flops, scales, shape
+from adadepth.studies.backbone import backbone_dir
+from adadepth.studies.recipes import Recipe, recipe_for
+from adadepth.studies.shape import Arm, Study, run_of
 
 
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    gate: str
-    aux: tuple[str, ...]
-    budget: float = 0.5
-    oracle: str = "off_policy"
-    lambda_jepa: float = 1.0
-    group: str = "main"  # main | baseline | ablation
+def arm(name: str, gate: str, aux: tuple[str, ...], group: str = "main", budget: float = 0.5,
+        oracle: str = "off_policy", lambda_jepa: float = 1.0) -> Arm:
+    """A routing arm; every arm sets budget, oracle and lambda_jepa itself (the recorded
+    config says them whatever the routing defaults become)."""
+    return Arm(name, "fit", {"method": "routing",
+                             "routing": {"gate": gate, "aux": list(aux), "budget": budget,
+                                         "oracle": oracle, "lambda_jepa": lambda_jepa}}, group)
 
 
 MAIN = [
-    Arm("G1", "g1", ("util", "rank")),
-    Arm("G3", "g3", ("util", "rank", "jepa")),
-    Arm("G1-A3", "g1", ()),
-    Arm("G3-A3", "g3", ("jepa",)),
+    arm("G1", "g1", ("util", "rank")),
+    arm("G3", "g3", ("util", "rank", "jepa")),
+    arm("G1-A3", "g1", ()),
+    arm("G3-A3", "g3", ("jepa",)),
 ]
 BASELINES = [
-    Arm("random", "random", (), group="baseline"),
-    Arm("all-full", "all-full", (), group="baseline"),
-    Arm("all-cheap", "all-cheap", (), group="baseline"),
+    arm("random", "random", (), "baseline"),
+    arm("all-full", "all-full", (), "baseline"),
+    arm("all-cheap", "all-cheap", (), "baseline"),
 ]
 ABLATIONS = [
-    Arm("G3-A1", "g3", ("util", "rank"), group="ablation"),
-    Arm("G3-A4-l0.25", "g3", ("util", "rank", "jepa"), lambda_jepa=0.25, group="ablation"),
-    Arm("G3-A4-l2", "g3", ("util", "rank", "jepa"), lambda_jepa=2.0, group="ablation"),
-    Arm("G1-b0.25", "g1", ("util", "rank"), budget=0.25, group="ablation"),
-    Arm("G3-b0.25", "g3", ("util", "rank", "jepa"), budget=0.25, group="ablation"),
-    Arm("random-b0.25", "random", (), budget=0.25, group="ablation"),
-    Arm("G1-onpolicy", "g1", ("util", "rank"), oracle="on_policy", group="ablation"),
-    Arm("G3-onpolicy", "g3", ("util", "rank", "jepa"), oracle="on_policy", group="ablation"),
+    arm("G3-A1", "g3", ("util", "rank"), "ablation"),
+    arm("G3-A4-l0.25", "g3", ("util", "rank", "jepa"), "ablation", lambda_jepa=0.25),
+    arm("G3-A4-l2", "g3", ("util", "rank", "jepa"), "ablation", lambda_jepa=2.0),
+    arm("G1-b0.25", "g1", ("util", "rank"), "ablation", budget=0.25),
+    arm("G3-b0.25", "g3", ("util", "rank", "jepa"), "ablation", budget=0.25),
+    arm("random-b0.25", "random", (), "ablation", budget=0.25),
+    arm("G1-onpolicy", "g1", ("util", "rank"), "ablation", oracle="on_policy"),
+    arm("G3-onpolicy", "g3", ("util", "rank", "jepa"), "ablation", oracle="on_policy"),
 ]
 
 
+def arms_of(ablations: bool) -> list[Arm]:
+    return MAIN + BASELINES + (ABLATIONS if ablations else [])
 
-def backbone_dir(out: Path, recipe: Any, preset_name: str, device: str,
-                 show_progress: bool, model: ModelConfig | None = None) -> Path:
-    """Pretrain the study's backbone once (resumable), of the preset's shape unless `model` is
-    given; a packaged one is converted instead."""
-    if recipe.backbone is not None:
-        from adadepth.hf import ensure_backbone
 
-        return ensure_backbone(recipe.backbone)
-    path = out / "backbone"
-    if not (path / "eval.json").is_file():
-        data = {"corpus": recipe.corpus, "tokenizer": recipe.tokenizer,
-                "block_size": recipe.block_size}
-        if getattr(recipe, "max_docs", None) is not None:  # other studies' recipes have none
-            data["max_docs"] = recipe.max_docs
-        cfg = PretrainConfig(preset=preset_name, model=model or preset(preset_name), data=data,
-                             train={"steps": recipe.backbone_steps, "device": device,
-                                    "batch_size": recipe.batch_size, "eval_interval": 10**9,
-                                    "ckpt_interval": max(50, recipe.backbone_steps // 5)})
-        result = pretrain(cfg, path, resume=True, show_progress=show_progress)
-        ck.write_json_atomic(path / "eval.json", {"val_loss": result.val_loss})
-    return path
+# The learned arms random routing is matched to in inference FLOPs: the four main ones and the
+# 25 % budget. The A1 / A4 / on-policy ablations change neither the gate nor the budget, so
+# their FLOPs are those of G1 or G3, and the report reads random routing there from these.
+MATCHED = ("G1", "G3", "G1-A3", "G3-A3", "G1-b0.25", "G3-b0.25")
+
+
+def matched_arms(seed_done: dict[str, shape.Metrics], names: list[str]) -> list[Arm]:
+    """Random routing at the budget whose realised inference FLOPs equal each finished learned
+    arm's of MATCHED (by name, of one seed, with all-cheap's), where such a budget exists."""
+    cheap = seed_done.get("all-cheap")
+    if cheap is None:
+        return []
+    out = []
+    for name in (n for n in MATCHED if n in names and n in seed_done):
+        budget = equal_flops.matched_budget(seed_done[name]["flops_ratio_inference"],
+                                            cheap["flops_ratio_inference"])
+        if budget is not None:
+            # Four decimals: the FLOPs then match to within 1e-4 of the all-cheap saving.
+            out.append(arm(f"random@{name}", "random", (), "matched", budget=round(budget, 4)))
+    return out
+
+
+def base_config(recipe: Recipe, backbone: Path, device: str) -> dict[str, Any]:
+    """The `fit` config every arm of the recipe shares."""
+    steps = recipe.controller_steps
+    data: dict[str, Any] = {"corpus": recipe.corpus, "block_size": recipe.block_size}
+    if recipe.max_docs is not None:
+        data["max_docs"] = recipe.max_docs
+    return {"backbone": str(backbone), "routing": dict(recipe.routing), "data": data,
+            "train": {"steps": steps, "batch_size": recipe.batch_size, "device": device,
+                      "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
+                      "log_interval": 10, **recipe.train}}
 
 
 def backbone_summary(recipe: Recipe, preset_name: str, path: Path) -> dict[str, Any]:
@@ -103,62 +109,67 @@ def backbone_summary(recipe: Recipe, preset_name: str, path: Path) -> dict[str, 
             "d_model": shape.get("d_model"), "val_loss": evaluated.get("val_loss")}
 
 
-def run_config(arm: Arm, seed: int, backbone: Path, recipe: Recipe, device: str) -> RouteConfig:
-    steps = recipe.controller_steps
-    data: dict[str, Any] = {"corpus": recipe.corpus, "block_size": recipe.block_size}
-    if recipe.max_docs is not None:
-        data["max_docs"] = recipe.max_docs
-    return RouteConfig(
-        backbone=str(backbone),
-        routing={**recipe.routing, "gate": arm.gate, "aux": list(arm.aux), "budget": arm.budget,
-                 "oracle": arm.oracle, "lambda_jepa": arm.lambda_jepa},
-        data=data,
-        train={"steps": steps, "seed": seed, "batch_size": recipe.batch_size, "device": device,
-               "eval_interval": 10**9, "ckpt_interval": max(20, steps // 4),
-               "log_interval": 10, **recipe.train},
-    )
+def routing_costs(finished: shape.Finished) -> dict[str, Any] | None:
+    """The FLOPs of one controlled layer's FFN, cheap path and each learned gate, read from
+    the first finished run of each learned gate as it was trained (equal_flops.layer_costs)."""
+    from adadepth.runs import load_run
+
+    first: dict[str, Path] = {}
+    for run, metrics in finished:
+        if metrics.get("gate") not in (*equal_flops.RANDOM_FAMILY, None):
+            first.setdefault(metrics["gate"], run.folder)
+    if not first:
+        return None
+    return equal_flops.costs_of({g: load_run(f).model for g, f in first.items()},
+                                "read from the trained runs")
 
 
-def arms_of(ablations: bool) -> list[Arm]:
-    return MAIN + BASELINES + (ABLATIONS if ablations else [])
+class AuxLosses(Study):
+    name = "aux-losses"
+    takes = frozenset({"steps", "ablations", "corpus", "compare"})
 
+    def __init__(self, options: shape.StudyOptions) -> None:
+        super().__init__(options)
+        self.recipe: Recipe = recipe_for(options.preset, options.corpus, options.steps)
+        self.backbone = Path()
+        self.other_scales: dict[str, dict[str, Any]] = {}  # by preset, for the report
 
-def run_study(preset_name: str, seeds: int, out: Path, ablations: bool = False,
-              steps: int | None = None, device: str = "auto", show_progress: bool = True,
-              corpus: str | None = None,
-              other_scales: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run (or resume) the study in `out` and write results.json, report.md and the plots.
+    def check(self) -> None:
+        from adadepth.data import load_corpus
 
-    `other_scales` maps a preset name to another study's results, for the report's
-    across-scales table.
-    """
-    recipe = recipe_for(preset_name, corpus, steps)
-    # Before any work: a folder of another recipe or an unreadable corpus is bad input.
-    record = recipe.record(preset_name)
-    check_recipe(out, record)
-    load_corpus(recipe.corpus, max_docs=recipe.max_docs)
-    write_recipe(out, record)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    bb = backbone_dir(out, recipe, preset_name, device, show_progress)
-    plan = [(arm, seed) for seed in range(seeds) for arm in arms_of(ablations)]
+        self.other_scales = scales.other_scales(self.options.preset, self.options.compare)
+        load_corpus(self.recipe.corpus, max_docs=self.recipe.max_docs)
 
-    def launch(arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
-        return route(run_config(arm, seed, bb, recipe, device), run_dir, resume=True,
-                     show_progress=False)
+    def prepare(self, out: Path) -> None:
+        o = self.options
+        self.backbone = backbone_dir(out, self.recipe, o.preset, o.device, o.show_progress)
 
-    done = run_plan(plan, out, lambda arm: arm.name, launch, "aux-loss study", show_progress)
-    runs = [{**metrics, "arm": arm.name, "group": arm.group} for arm, metrics in done]
-    results = {"preset": preset_name, "seeds": seeds, "steps": recipe.controller_steps,
-               "ablations": ablations, "recipe": recipe.record(preset_name),
-               "backbone": backbone_summary(recipe, preset_name, bb), "runs": runs}
-    ck.write_json_atomic(out / "results.json", results)
-    report.write(results, out, other_scales or {})
-    return results
+    def plan(self, out: Path, done: shape.Done) -> list[shape.Run]:
+        base = base_config(self.recipe, self.backbone, self.options.device)
+        arms = arms_of(self.options.ablations)
+        runs = [run_of(a, seed, out / "runs", base) for seed in range(self.options.seeds)
+                for a in arms]
+        # Random routing matched to each learned arm's FLOPs waits for that arm (its realised
+        # FLOPs) and for all-cheap of the same seed.
+        for seed in range(self.options.seeds):
+            seed_done = {r.arm.name: done[r.folder] for r in runs
+                         if r.seed == seed and r.folder in done}
+            runs += [run_of(a, seed, out / "runs", base)
+                     for a in matched_arms(seed_done, [a.name for a in arms])]
+        return runs
 
+    def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
+        o = self.options
+        return {"preset": o.preset, "seeds": o.seeds, "steps": self.recipe.controller_steps,
+                "ablations": o.ablations, "recipe": self.record(),
+                "backbone": backbone_summary(self.recipe, o.preset, self.backbone),
+                "costs": routing_costs(finished),
+                "runs": [{**m, "arm": r.arm.name, "group": r.arm.group} for r, m in finished]}
 
-def rewrite_report(out: Path, other_scales: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write report.md and the plots again from out/results.json (no run is touched), e.g. once
-    another scale's study has finished and the across-scales table can show it."""
-    results = read_results(out)
-    report.write(results, out, other_scales)
-    return results
+    def read(self, out: Path) -> dict[str, Any]:
+        results = scales.read_results(out)
+        self.other_scales = scales.other_scales(results["preset"], self.options.compare)
+        return results
+
+    def report(self, results: dict[str, Any], out: Path) -> None:
+        aux_losses_report.write(results, out, self.other_scales)

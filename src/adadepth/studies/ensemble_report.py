@@ -3,33 +3,28 @@ and after, the routing weights, the cost, and the paper's claims beside ours wit
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.studies.report import (  # noqa: E402
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.protocol import figures, judged, stated, verdict
+from adadepth.studies.stats import (
+    Arms,
     by_arm,
     count,
     head_to_head,
+    in_order,
     mean_std,
-    save_figure,
+    paired,
+    per_seed,
 )
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
+from adadepth.train.checkpoint import write_text_atomic
 
-Run = dict[str, Any]
 ENSEMBLES = ("ensemble", "ensemble+lora")
 
 
-def mean(values: list[float]) -> float:
-    return statistics.mean(values)
-
-
-def arm_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def arm_table(arms: Arms, before: dict[str, Any]) -> list[str]:
     head = ["arm", "seeds", "trainable params", "val loss (before → after)", "Δ loss",
             "accuracy (before → after)", "inference FLOPs / base", "training FLOPs",
             "wall s"]
@@ -50,7 +45,7 @@ def arm_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
     return lines
 
 
-def layer_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def layer_table(arms: Arms, before: dict[str, Any]) -> list[str]:
     """Per late layer: its own loss and accuracy before (final norm) and after tuning."""
     layers = before["late_layers"]
     head = ["late layer", "loss before (logit lens)", *[f"loss after, {a}" for a in ENSEMBLES
@@ -69,7 +64,7 @@ def layer_table(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]
     return lines
 
 
-def complementarity(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
+def complementarity(arms: Arms, before: dict[str, Any]) -> list[str]:
     lines = ["| | final layer's accuracy | best late layer per token (oracle) | gain | "
              "the ensemble's accuracy |", "|---|---|---|---|---|",
              f"| before tuning | {before['late_layer_accuracy'][-1]:.4f} | "
@@ -86,7 +81,7 @@ def complementarity(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[
     return lines
 
 
-def routing_table(arms: dict[str, list[Run]]) -> list[str]:
+def routing_table(arms: Arms) -> list[str]:
     lines = []
     for a in ENSEMBLES:
         if a not in arms:
@@ -104,64 +99,60 @@ def routing_table(arms: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def verdict(wins: tuple[int, int] | None) -> str:
-    if wins is None or wins[1] == 0:
-        return "n/a"
-    return "yes" if wins[0] == wins[1] else ("no" if wins[0] == 0 else "partly")
-
-
 def worst_gap(losses: list[float]) -> float:
     """How far above the final layer's loss the worst other late layer's is (a fraction)."""
     return max(losses[:-1], default=losses[-1]) / losses[-1] - 1
 
 
-def paper_comparison(arms: dict[str, list[Run]], before: dict[str, Any]) -> list[str]:
-    """Each published claim beside what we find, with the criterion we judge it by."""
-    out = ["| the paper's claim (arXiv 2410.13077, abstract) | ours | criterion | reproduced? |",
-           "|---|---|---|---|"]
+def paper_comparison(arms: Arms, before: dict[str, Any]) -> list[str]:
+    """Each published claim beside what we find: the per-seed quantity the rule reads (> 0
+    supports the claim) and its verdict (protocol.verdict)."""
+    out = ["| the paper's claim (arXiv 2410.13077, abstract) | ours | per seed (> 0 supports the "
+           "claim) | verdict |", "|---|---|---|---|"]
     if "ensemble" in arms:
         rs = arms["ensemble"]
         gaps = [worst_gap(r["late_layer_loss"]) for r in rs]
-        close = sum(g <= 0.05 for g in gaps)
+        close = [0.05 - g for g in gaps]
         out.append(f"| tuning late layers gives losses comparable to the final layer's | worst "
                    f"other late layer's loss {mean_std([100 * g for g in gaps])} % above the "
                    f"final layer's (before tuning, logit lens: "
-                   f"{100 * worst_gap(before['late_layer_loss']):.1f} %)"
-                   f" | every late layer within 5 % of the final's: {close}/{len(rs)} seeds | "
-                   f"{verdict((close, len(rs)))} |")
+                   f"{100 * worst_gap(before['late_layer_loss']):.1f} %); within 5 % in "
+                   f"{sum(c >= 0 for c in close)}/{len(rs)} seeds | 5 % − the worst late "
+                   f"layer's excess: {figures(close, '.3f')} | {verdict(close)} |")
         gain = [r["best_layer_per_token_accuracy"] - r["final_layer_accuracy"] for r in rs]
-        big = sum(g >= 0.01 for g in gain)
+        big = [g - 0.01 for g in gain]
         out.append(f"| with complementary test-time behaviour | the best late layer per token "
                    f"is right {mean_std([100 * g for g in gain])} points more often than the "
-                   f"final layer | at least 1 point in every seed: {big}/{len(rs)} | "
-                   f"{verdict((big, len(rs)))} |")
+                   f"final layer | that gain − 1 point: {figures(big, '.4f')} | "
+                   f"{verdict(big)} |")
     h = head_to_head(arms, "ensemble+lora", "lora", "val_loss")
     if h is not None:
         acc = head_to_head(arms, "ensemble+lora", "lora", "val_accuracy", lower=False)
-        gap = mean([r["val_loss"] for r in arms["ensemble+lora"]]) - mean(
-            [r["val_loss"] for r in arms["lora"]])
-        # Better in some seeds but worse on average is not an improvement.
-        said = verdict(h) if gap < 0 or h[0] == 0 else "no (worse on average)"
+        diffs = in_order(paired(arms, "ensemble+lora", "lora", "val_loss"))
         out.append(f"| added to a tuning method (LoRA) it improves it | ensemble+lora below "
-                   f"LoRA's validation loss in {count(h)} (mean difference {gap:+.4f}), above "
-                   f"its accuracy in {count(acc)} | lower loss in every seed | {said} |")
+                   f"LoRA's validation loss in {count(h)}, above its accuracy in {count(acc)} "
+                   f"| LoRA's val loss − ensemble+lora's: {figures(diffs, unit=' nats')} | "
+                   f"{verdict(diffs)} |")
     if "ensemble" in arms and "lora" in arms:
         base = before["val_loss"]
-        share = [(base - e["val_loss"]) / max(base - lo["val_loss"], 1e-9)
-                 for e, lo in zip(arms["ensemble"], arms["lora"], strict=False)]
+        lora = per_seed(arms, "lora")
+        share = {e["seed"]: (base - e["val_loss"]) / max(base - lora[e["seed"]]["val_loss"],
+                                                         1e-9)
+                 for e in arms["ensemble"] if e["seed"] in lora}
         ratio = arms["lora"][0]["trainable_parameters"] / max(
             1, arms["ensemble"][0]["trainable_parameters"])
-        ok = sum(s >= 0.8 for s in share)
+        similar = [v - 0.8 for v in in_order(share)]
         out.append(f"| in place of a larger trainable module (LoRA) it reaches similar quality "
                    f"with far fewer parameters | {ratio:.0f}x fewer parameters; recovers "
-                   f"{mean_std([100 * s for s in share])} % of LoRA's loss reduction | at least "
-                   f"80 % in every seed: {ok}/{len(share)} | {verdict((ok, len(share)))} |")
+                   f"{mean_std([100 * v for v in share.values()])} % of LoRA's loss reduction | "
+                   f"the share recovered − 80 %: {figures(similar, '.3f')} | "
+                   f"{verdict(similar)} |")
     out.append("| it modestly improves reasoning performance | not measured: a language-"
                "modelling study, no reasoning benchmark | – | not tested |")
     return out
 
 
-def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list[str]:
+def plots(arms: Arms, before: dict[str, Any], out: Path) -> list[str]:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -174,8 +165,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="validation loss (nats/token)",
            title="validation loss after tuning against trainable parameters")
     ax.legend(fontsize=8)
-    files: list[str] = []
-    save_figure(fig, out, "loss_vs_parameters.png", files)
+    files = [save_figure(fig, out / "loss_vs_parameters.png")]
 
     present = [a for a in ENSEMBLES if a in arms]
     if present:
@@ -192,7 +182,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
             ax.set_xticks(x, [str(layer) for layer in layers])
             ax.set(title=f"{a}: routing weights", xlabel="late layer", ylim=(0, 1))
             ax.legend(fontsize=7)
-        save_figure(fig, out, "routing_weights.png", files)
+        files.append(save_figure(fig, out / "routing_weights.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         layers = before["late_layers"]
@@ -204,7 +194,7 @@ def plots(arms: dict[str, list[Run]], before: dict[str, Any], out: Path) -> list
         ax.set(xlabel="layer", ylabel="validation loss of the layer alone",
                title="each late layer's own loss", xticks=layers)
         ax.legend(fontsize=8)
-        save_figure(fig, out, "late_layers.png", files)
+        files.append(save_figure(fig, out / "late_layers.png"))
     return files
 
 
@@ -230,11 +220,17 @@ def write(study: dict[str, Any], out: Path) -> None:
         "(argmax) accuracy; wall s is the training loop's time on the machine that ran it. "
         "Every figure comes from `results.json`.",
         "",
+        stated("per-seed differences between arms of the same seed (or, where a claim rests on "
+               "something else, the per-seed quantity it names)"),
+        "",
         "## Arms (mean ± std over seeds)",
         "",
         *arm_table(arms, before),
         "",
         "## Head to head (per seed)",
+        "",
+        "Each line: the seeds where the first arm's validation loss is lower, then the second "
+        "arm's minus the first's per seed (> 0: the first is lower) and the rule's verdict.",
         "",
     ]
     for a, b, key, text in [("ensemble+lora", "lora", "val_loss", "ensemble+lora below lora"),
@@ -247,7 +243,9 @@ def write(study: dict[str, Any], out: Path) -> None:
                             ("ensemble", "full", "val_loss", "ensemble below full")]:
         h = head_to_head(arms, a, b, key)
         if h is not None:
-            lines.append(f"- {text} (validation loss): {count(h)}")
+            diffs = in_order(paired(arms, a, b, key))
+            lines.append(f"- {text} (validation loss): {count(h)}; "
+                         f"{judged(diffs, unit=' nats')}")
     lines += ["", "## The late layers, each alone", "", *layer_table(arms, before), "",
               "## Complementarity of the late layers", "", *complementarity(arms, before), "",
               "## Routing weights", "", *routing_table(arms),

@@ -9,64 +9,27 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
+from adadepth.studies.protocol import CONTRADICTED, NOISE, REPRODUCED, figures, joint, verdict
+from adadepth.studies.protocol import judged as judged_words
 from adadepth.studies.scales import SCALES
+from adadepth.studies.stats import (
+    Arms,
+    Row,
+    arm_mean,
+    count,
+    head_to_head,
+    in_order,
+    mean_std,
+    paired,
+)
 
-Run = dict[str, Any]
-Arms = dict[str, list[Run]]
 BASELINE_ENDS = ("all-cheap", "all-full")  # the two ends of the loss gap
 
 
-def by_arm(runs: list[Run]) -> Arms:
-    arms: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        arms[r["arm"]].append(r)
-    for rs in arms.values():
-        rs.sort(key=lambda r: r["seed"])
-    return dict(arms)
-
-
-def mean_std(values: list[float | None], digits: str = ".4g", std_digits: str = ".2g",
-             scale: float = 1.0, unit: str = "") -> str:
-    """'mean ± std' over the seeds' values (None: not measured), each times `scale`; one value
-    alone, or 'n/a'. The formats are Python format specs."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{scale * values[0]:{digits}}{unit}"
-    return (f"{scale * statistics.mean(values):{digits}} ± "
-            f"{scale * statistics.stdev(values):{std_digits}}{unit}")
-
-
-def arm_mean(arms: Arms, arm: str, key: str) -> float | None:
-    values = [r[key] for r in arms.get(arm, []) if r.get(key) is not None]
-    return statistics.mean(values) if values else None
-
-
-def head_to_head(arms: Arms, a: str, b: str, key: str, lower: bool = True
-                 ) -> tuple[int, int] | None:
-    """Seeds where arm a beats arm b on key (paired by seed)."""
-    if a not in arms or b not in arms:
-        return None
-    theirs = {r["seed"]: r[key] for r in arms[b]}
-    pairs = [(r[key], theirs[r["seed"]]) for r in arms[a] if r["seed"] in theirs]
-    return sum((x < y) if lower else (x > y) for x, y in pairs), len(pairs)
-
-
-def count(h: tuple[int, int] | None) -> str:
-    return "n/a" if h is None else f"{h[0]}/{h[1]} seeds"
-
-
-def share(h: tuple[int, int]) -> float:
-    return h[0] / h[1] if h[1] else 0.0
-
-
-def early_lm(run: Run, fraction: float = 0.25) -> float:
+def early_lm(run: Row, fraction: float = 0.25) -> float:
     """Mean LM loss over the first `fraction` of the steps: early-to-mid optimisation."""
     curve = run["lm_curve"]
     n = max(1, int(len(curve) * fraction))
@@ -143,8 +106,11 @@ def policy_table(arms: Arms) -> list[str]:
                          f"{off['avg_lm']:.4f} | {on['avg_lm']:.4f} |")
         val = head_to_head(arms, on_arm, gate, "val_lm_causal")
         avg = head_to_head(arms, on_arm, gate, "avg_lm")
+        said = [judged_words(in_order(paired(arms, on_arm, gate, key)), unit=" nats")
+                for key in ("val_lm_causal", "avg_lm")]
         summary.append(f"- {gate}: on-policy lower validation loss (causal) in {count(val)}, "
-                       f"lower average training LM in {count(avg)}")
+                       f"off-policy's − on-policy's per seed {said[0]}; lower average training "
+                       f"LM in {count(avg)}, {said[1]}")
     if not summary:
         return []
     return [*lines, "", *summary]
@@ -155,8 +121,8 @@ def policy_table(arms: Arms) -> list[str]:
 class Judged:
     """One finding on one scale's runs."""
 
-    ours: str  # our figure, in words
-    verdict: str  # reproduced? yes / no / partly, with why
+    ours: str  # our figures, per seed, and what was compared
+    verdict: str  # the rule's (protocol.verdict, or protocol.joint of its parts)
     distance: float  # how far from the published figure (0 = on it), for the trend column
 
 
@@ -168,16 +134,32 @@ class Finding:
     ablation: bool = False  # judged on arms that only `--ablations` runs
 
 
+# The trend of a finding judged on paired differences alone: from contradicted to within noise
+# to reproduced is toward the paper.
+DISTANCE = {REPRODUCED: 0.0, NOISE: 1.0, CONTRADICTED: 2.0}
+
+
+def seed_means(arms: Arms, names: tuple[str, ...], key: str) -> dict[int, float]:
+    """Per seed where every arm ran, the mean of their `key`."""
+    runs = [{r["seed"]: r[key] for r in arms.get(a, [])} for a in names]
+    seeds = set.intersection(*(set(r) for r in runs))
+    return {s: statistics.mean(r[s] for r in runs) for s in sorted(seeds)}
+
+
 def _flops(arms: Arms) -> Judged | None:
-    std = [arm_mean(arms, a, "flops_proxy") for a in ("G1", "G3")]
-    none = [arm_mean(arms, a, "flops_proxy") for a in ("G1-A3", "G3-A3")]
-    if None in std or None in none:
+    std = seed_means(arms, ("G1", "G3"), "flops_proxy")
+    none = seed_means(arms, ("G1-A3", "G3-A3"), "flops_proxy")
+    if not std or not none:
         return None
-    s, n = statistics.mean(std), statistics.mean(none)  # type: ignore[arg-type]
+    s, n = statistics.mean(std.values()), statistics.mean(none.values())
     distance = max(abs(s - 1.53) / 1.53, abs(n - 1.07) / 1.07)
+    # Per seed: how far inside 15 % of the paper's figure the farther of the two lies.
+    within = {k: 0.15 - max(abs(std[k] - 1.53) / 1.53, abs(none[k] - 1.07) / 1.07)
+              for k in std.keys() & none.keys()}
     return Judged(f"{s:.2f}x, {n:.2f}x (aux recipe {s / n:.2f}x the plain one; paper "
-                  f"{1.53 / 1.07:.2f}x)", "yes" if distance <= 0.15 else "no (not both within "
-                  "15 %)", distance)
+                  f"{1.53 / 1.07:.2f}x); within 15 % of both, per seed 0.15 − the farther "
+                  f"relative distance: {figures(in_order(within), '.2f')}",
+                  verdict(in_order(within)), distance)
 
 
 def _grad_norm(arms: Arms) -> Judged | None:
@@ -185,49 +167,59 @@ def _grad_norm(arms: Arms) -> Judged | None:
     if not g1 or not g3:
         return None
     ratio = g1 / g3
-    verdict = "yes" if ratio >= 5 else ("partly (lower, not ~10x)" if ratio > 1 else "no")
-    return Judged(f"{ratio:.2f}x lower", verdict, abs(math.log(ratio / 10.3)))
+    # Judged against half the paper's factor: G1's norm / G3's at least 5, per seed.
+    theirs = {r["seed"]: r["grad_norm_mean"] for r in arms["G3"]}
+    per_seed = {r["seed"]: r["grad_norm_mean"] / theirs[r["seed"]] - 5 for r in arms["G1"]
+                if theirs.get(r["seed"])}
+    lower = head_to_head(arms, "G3", "G1", "grad_norm_mean")
+    return Judged(f"{ratio:.2f}x lower (lower in {count(lower)}); at least 5x, per seed "
+                  f"G1's / G3's − 5: {figures(in_order(per_seed), '.2f')}",
+                  verdict(in_order(per_seed)), abs(math.log(ratio / 10.3)))
 
 
 def _g3_early(arms: Arms) -> Judged | None:
     avg = head_to_head(arms, "G3", "G1", "avg_lm")
     if avg is None:
         return None
-    verdict = "yes" if avg[0] == avg[1] else ("partly" if avg[0] > avg[1] / 2 else "no")
-    return Judged(count(avg), verdict, 1 - share(avg))
+    diffs = in_order(paired(arms, "G3", "G1", "avg_lm"))
+    v = verdict(diffs)
+    return Judged(f"{count(avg)}; G1's − G3's, per seed: {figures(diffs, unit=' nats')}", v,
+                  DISTANCE[v])
 
 
 def _a3_improves(gate: str) -> Callable[[Arms], Judged | None]:
     def judge(arms: Arms) -> Judged | None:
-        best = head_to_head(arms, f"{gate}-A3", gate, "best_lm")
-        avg = head_to_head(arms, f"{gate}-A3", gate, "avg_lm")
+        a3 = f"{gate}-A3"
+        best, avg = head_to_head(arms, a3, gate, "best_lm"), head_to_head(arms, a3, gate, "avg_lm")
         if best is None or avg is None:
             return None
-        both = best[0] == best[1] and avg[0] == avg[1]
-        some = best[0] + avg[0] > 0
-        return Judged(f"best {count(best)}, avg {count(avg)}",
-                      "yes" if both else ("partly" if some else "no"),
-                      1 - (share(best) + share(avg)) / 2)
+        parts = [in_order(paired(arms, a3, gate, key)) for key in ("best_lm", "avg_lm")]
+        v = joint([verdict(d) for d in parts])
+        return Judged(f"best {count(best)}, avg {count(avg)}; {gate}'s − {a3}'s, per seed: best "
+                      f"{figures(parts[0], unit=' nats')}, avg {figures(parts[1], unit=' nats')}",
+                      v, DISTANCE[v])
     return judge
 
 
 def _a3_removes_early_advantage(arms: Arms) -> Judged | None:
-    std, a3 = _early_wins(arms, "G3", "G1"), _early_wins(arms, "G3-A3", "G1-A3")
-    if std is None or a3 is None:
+    std, a3 = _early_lead(arms, "G3", "G1"), _early_lead(arms, "G3-A3", "G1-A3")
+    if not std or not a3:
         return None
-    had, removed = std[0] > std[1] / 2, a3[0] <= a3[1] / 2
-    verdict = "yes" if had and removed else (
-        "no: G3 had no early advantage to remove" if not had else "no: it persists under A3")
-    return Judged(f"G3 ahead of G1: {count(std)} (util/rank), {count(a3)} (A3)", verdict,
-                  ((1 - share(std)) + share(a3)) / 2)
+    # Two parts: G3 leads early under util/rank, and its lead is smaller under A3.
+    shrinks = {s: std[s] - a3[s] for s in std.keys() & a3.keys()}
+    parts = [in_order(std), in_order(shrinks)]
+    v = joint([verdict(d) for d in parts])
+    ahead = [f"{sum(d > 0 for d in lead.values())}/{len(lead)} seeds" for lead in (std, a3)]
+    return Judged(f"G3 ahead of G1: {ahead[0]} (util/rank), {ahead[1]} (A3); G3's early lead "
+                  f"over G1 per seed: {figures(parts[0], unit=' nats')}; its shrinkage under A3: "
+                  f"{figures(parts[1], unit=' nats')}", v, DISTANCE[v])
 
 
-def _early_wins(arms: Arms, a: str, b: str) -> tuple[int, int] | None:
-    if a not in arms or b not in arms:
-        return None
-    theirs = {r["seed"]: r for r in arms[b]}
-    pairs = [(x, theirs[x["seed"]]) for x in arms[a] if x["seed"] in theirs]
-    return sum(early_lm(x) < early_lm(y) for x, y in pairs), len(pairs)
+def _early_lead(arms: Arms, a: str, b: str) -> dict[int, float]:
+    """Per seed, how much lower a's mean LM over the first quarter of the steps is than b's."""
+    theirs = {r["seed"]: r for r in arms.get(b, [])}
+    return {x["seed"]: early_lm(theirs[x["seed"]]) - early_lm(x) for x in arms.get(a, [])
+            if x["seed"] in theirs}
 
 
 def _a1_collapse(arms: Arms) -> Judged | None:
@@ -236,8 +228,14 @@ def _a1_collapse(arms: Arms) -> Judged | None:
     if a1 is None or not g3:
         return None
     ratio = a1 / g3
-    return Judged(f"prediction variance {a1:.3g} without vs {g3:.3g} with",
-                  "yes (below half)" if ratio < 0.5 else "no (not below half)", min(ratio, 1.0))
+    # Collapse: the variance without L_JEPA below half of G3's, per seed.
+    theirs = {r["seed"]: r["prediction_variance"] for r in arms["G3"]}
+    below = {r["seed"]: 0.5 - r["prediction_variance"] / theirs[r["seed"]]
+             for r in arms["G3-A1"] if theirs.get(r["seed"]) and
+             r["prediction_variance"] is not None}
+    return Judged(f"prediction variance {a1:.3g} without vs {g3:.3g} with; below half, per seed "
+                  f"0.5 − without / with: {figures(in_order(below), '.2f')}",
+                  verdict(in_order(below)), min(ratio, 1.0))
 
 
 def _a4_insensitive(arms: Arms) -> Judged | None:
@@ -248,9 +246,15 @@ def _a4_insensitive(arms: Arms) -> Judged | None:
     spread = max(sweep) - min(sweep)  # type: ignore[type-var,operator]
     noise = statistics.mean(statistics.stdev([r["avg_lm"] for r in arms[a]])
                             if len(arms[a]) > 1 else 0.0 for a in names)
+    # Per seed: the sweep's spread (same batches for every arm of a seed) against twice the
+    # arms' std over seeds.
+    runs = [{r["seed"]: r["avg_lm"] for r in arms[a]} for a in names]
+    seeds = sorted(set.intersection(*(set(r) for r in runs)))
+    inside = [2 * noise - (max(r[s] for r in runs) - min(r[s] for r in runs)) for s in seeds]
     within = spread <= 2 * noise + 1e-9
-    return Judged(f"avg LM spread {spread:.4f} vs seed std {noise:.4f}",
-                  "yes (within 2 seed std)" if within else "no (beyond 2 seed std)",
+    return Judged(f"avg LM spread {spread:.4f} vs seed std {noise:.4f}; within 2 seed std, per "
+                  f"seed 2 x std − the seed's spread: {figures(inside, unit=' nats')}",
+                  verdict(inside),
                   max(0.0, spread / (2 * noise) - 1) if noise > 0 else float(not within))
 
 
@@ -260,7 +264,7 @@ FINDINGS = [
     Finding("G3 gradient norm lower than G1 (util/rank)", "~10.3x lower", _grad_norm),
     Finding("A3 (no util/rank) improves best and avg LM for G1", "3/3 seeds", _a3_improves("G1")),
     Finding("A3 (no util/rank) improves best and avg LM for G3", "3/3 seeds", _a3_improves("G3")),
-    Finding("A3 removes G3's early advantage (first 25 % of steps, mean LM)", "yes",
+    Finding("A3 removes G3's early advantage (first 25 % of steps, mean LM)", "removed",
             _a3_removes_early_advantage),
     Finding("without L_JEPA the G3 predictor collapses (A1)", "collapse", _a1_collapse,
             ablation=True),

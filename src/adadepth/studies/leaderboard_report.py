@@ -1,5 +1,6 @@
-"""The leaderboard's report: the table, quality against FLOPs and against measured speed, a plain
-reading of the table, and where the compute goes in one validation passage per method."""
+"""The leaderboard's report: speed at (nearly) the dense model's quality first, then each method's
+measured frontier with its trained point, where its FLOPs go, the fixed-FLOPs cells, a plain
+reading, and where the compute goes in one validation passage."""
 
 from __future__ import annotations
 
@@ -8,241 +9,334 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from adadepth.depthmap import DepthText, png
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.protocol import RULE, Point, at_quality, verdict
+from adadepth.train.checkpoint import write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.depthmap import DepthText, png  # noqa: E402
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
-
-Row = dict[str, Any]
-Key = tuple[str, float | None]
-SPEEDS = ("prefill", "decode_b1", "decode_b8")
-NOTICEABLE = 1.5  # the speedup a user would notice
-TOLERANCE = 0.01  # "no more than 1% higher validation loss than dense"
-
-
-def mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
+SPEEDS = ("decode_b1", "decode_b8", "prefill")
+SPEED_NAMES = {"decode_b1": "decode b1", "decode_b8": "decode b8", "prefill": "prefill b8"}
+TOLERANCES = (0.01, 0.02, 0.05)  # "no more than +1 / +2 / +5 % validation loss over dense"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    return "—" if value is None else f"{value:.{digits}g}"
 
 
 def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}%"
+    return "—" if value is None else f"{100 * value:+.1f}%"
 
 
-def grouped(rows: list[Row]) -> dict[Key, list[Row]]:
-    """Rows of the same entry and budget, over seeds."""
-    groups: dict[Key, list[Row]] = defaultdict(list)
-    for row in rows:
-        groups[row["entry"], row["budget"]].append(row)
-    return dict(groups)
+def speed_of(point: dict[str, Any], phase: str) -> float | None:
+    return point.get("speed", {}).get(phase, {}).get("measured_speedup")
 
 
-def summarise(rows: list[Row], dense_loss: float, floor: float | None) -> dict[str, Any]:
-    """One line of the table: means over seeds of what the runs measured."""
-    loss = mean([r["val_loss"] for r in rows])
-    gap = None
-    if floor is not None and loss is not None and floor != dense_loss:
-        gap = (floor - loss) / (floor - dense_loss)
-    out: dict[str, Any] = {
-        "val_loss": loss, "gap_recovered": gap, "seeds": len(rows),
-        "loss_vs_dense": None if loss is None else loss / dense_loss - 1,
-        "flops_fraction": mean([r["flops_fraction"] for r in rows]),
-        "reached": all(r.get("reached") is not False for r in rows),
-        "setting": mean([r.get("setting") for r in rows]), "knob": rows[0].get("knob"),
-        "training_flops": mean([r.get("training_flops") for r in rows]),
-        "wall_s": mean([r.get("wall_s") for r in rows]),
-        "trainable_parameters": mean([r.get("trainable_parameters") for r in rows])}
-    for phase in SPEEDS:
-        speeds = [r["speed"][phase] for r in rows if phase in r.get("speed", {})]
-        for key in ("tokens_per_s_method", "tokens_per_s_dense", "measured_speedup",
-                    "ideal_speedup", "measured_over_ideal"):
-            out[f"{phase}_{key}"] = mean([s[key] for s in speeds])
-    return out
+def by_entry(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each entry's evaluated runs (one per seed)."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in results["runs"]:
+        out[run["entry"]].append(run)
+    return dict(out)
 
 
-def lines_of(results: dict[str, Any]) -> dict[Key, dict[str, Any]]:
-    groups = grouped(results["rows"])
-    floor = mean([r["val_loss"] for r in groups.get(("all-cheap", None), [])])
-    return {key: summarise(rows, results["dense"]["val_loss"], floor)
-            for key, rows in groups.items()}
+def trained_point(run: dict[str, Any]) -> dict[str, Any]:
+    return next(p for p in run["points"] if p.get("trained"))
 
 
-def table(results: dict[str, Any], lines: dict[Key, dict[str, Any]]) -> list[str]:
-    head = ["method", "FLOPs budget", "setting", "FLOPs realised", "val loss", "vs dense",
-            "gap recovered", "tok/s prefill b8", "tok/s decode b1", "tok/s decode b8",
-            "measured speedup: prefill / decode b1 / b8", "measured / ideal (decode b1)",
-            "training FLOPs", "training s", "trainable params"]
+def mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+# -- speed at equal quality ---------------------------------------------------------------------
+def headline(runs: list[dict[str, Any]], dense: float, phase: str,
+             tolerance: float) -> str:
+    """The speed reached within the tolerance, read per seed from the measured frontier and
+    averaged; how it was read (m: a measured point, i: interpolated between two)."""
+    readings = []
+    for run in runs:
+        points = [Point(p["setting"], p["val_loss"], s) for p in run["points"]
+                  if p["setting"] is not None and (s := speed_of(p, phase)) is not None]
+        readings.append(at_quality(points, dense, tolerance))
+    reached = [r for r in readings if r.speed is not None]
+    if not reached:
+        return "not reached"
+    how = "".join(sorted({"m" if r.how == "measured" else "i" for r in reached}))
+    seeds = "" if len(reached) == len(readings) else f", {len(reached)}/{len(readings)} seeds"
+    return f"{statistics.fmean(r.speed for r in reached):.2f}x ({how}{seeds})"
+
+
+def headline_table(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]]) -> list[str]:
     dense = results["dense"]["val_loss"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-           f"| dense backbone | 1 | — | 1 | {dense:.4f} | — | 1 | dense in brackets below | | "
-           "| 1 / 1 / 1 | — | (pretrained) | | 0 |"]
-    references = results.get("speed_references", {})
-    for (entry, budget), s in lines.items():
-        realised = fmt(s["flops_fraction"]) + ("" if s["reached"] else " (budget not reached)")
-        ref = "reference*" if entry in references else "dense"
-        speeds = ["—" if s[f"{p}_tokens_per_s_method"] is None else
-                  f"{s[f'{p}_tokens_per_s_method']:.4g} ({ref} {s[f'{p}_tokens_per_s_dense']:.4g})"
-                  for p in SPEEDS]
-        measured = " / ".join(fmt(s[f"{p}_measured_speedup"]) for p in SPEEDS)
-        setting = "—" if s["setting"] is None else f"{s['knob']}={s['setting']:.3g}"
-        cells = [entry, "own setting" if budget is None else f"{budget:g}", setting, realised,
-                 fmt(s["val_loss"], 4), pct(s["loss_vs_dense"]), fmt(s["gap_recovered"]),
-                 *speeds, measured, fmt(s["decode_b1_measured_over_ideal"]),
-                 fmt(s["training_flops"]), fmt(s["wall_s"]), fmt(s["trainable_parameters"], 6)]
+    head = ["method", "trained setting", "loss vs dense there"]
+    head += [f"{SPEED_NAMES[p]} at ≤ {100 * t:+g}%" for t in TOLERANCES for p in SPEEDS]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in entries.items():
+        if runs[0]["group"] == "floor":
+            continue
+        trained = [trained_point(r) for r in runs]
+        setting = mean_of([p["setting"] for p in trained])
+        knob = runs[0]["knob"]
+        cells = [name, "—" if setting is None else f"{knob}={setting:.3g}",
+                 pct(mean_of([p["val_loss"] / dense - 1 for p in trained]))]
+        cells += [headline(runs, dense, p, t) for t in TOLERANCES for p in SPEEDS]
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", *(f"\\* {entry}: speeds are measured against {what}." for entry, what in
-                  references.items())]
     return out
 
 
-def reading(results: dict[str, Any], lines: dict[Key, dict[str, Any]]) -> list[str]:
-    """The table in plain words: the best measured decode speedup within 1% of dense loss."""
-    references = results.get("speed_references", {})
-    within = {key: s for key, s in lines.items()
-              if s["loss_vs_dense"] is not None and s["loss_vs_dense"] <= TOLERANCE
-              and s["decode_b1_measured_speedup"] is not None and key[0] not in references}
-    out = []
-    if within:
-        key, best = max(within.items(), key=lambda kv: max(
-            kv[1]["decode_b1_measured_speedup"], kv[1]["decode_b8_measured_speedup"] or 0))
-        b1, b8 = best["decode_b1_measured_speedup"], best["decode_b8_measured_speedup"]
-        top = max(b1, b8 or 0)
-        where = (f"{key[0]}, budget {'own setting' if key[1] is None else f'{key[1]:g}'}: "
-                 f"{b1:.2f}x at batch 1, {fmt(b8)}x at batch 8")
-        if top < 1:
-            out.append(f"- Within {100 * TOLERANCE:g}% of the dense model's validation loss, "
-                       f"no method decodes faster than the dense model: the closest is "
-                       f"**{top:.2f}x** ({where}), {NOTICEABLE - top:.2f} short of the "
-                       f"{NOTICEABLE}x a user would notice.")
-        else:
-            out.append(f"- Within {100 * TOLERANCE:g}% of the dense model's validation loss, "
-                       f"the highest measured decode speedup is **{top:.2f}x** ({where}), "
-                       f"{'above' if top >= NOTICEABLE else 'short of'} the {NOTICEABLE}x a "
-                       f"user would notice by {abs(NOTICEABLE - top):.2f}.")
-    else:
-        out.append(f"- No method stays within {100 * TOLERANCE:g}% of the dense model's "
-                   "validation loss at any budget measured, so none offers a speedup at "
-                   "no cost in quality here.")
-    timed = {k: s for k, s in lines.items() if s["decode_b1_measured_speedup"] is not None
-             and k[0] not in references}
-    if timed:
-        key, fast = max(timed.items(), key=lambda kv: max(
-            kv[1]["decode_b1_measured_speedup"], kv[1]["decode_b8_measured_speedup"] or 0))
-        top = max(fast["decode_b1_measured_speedup"], fast["decode_b8_measured_speedup"] or 0)
-        out.append(f"- The fastest decoding at any loss: {key[0]} at budget "
-                   f"{'own setting' if key[1] is None else f'{key[1]:g}'}, {top:.2f}x, at "
-                   f"{pct(fast['loss_vs_dense'])} validation loss vs dense.")
-    best_gap = max(((k, s) for k, s in lines.items() if s["gap_recovered"] is not None
-                    and k[1] is not None), key=lambda kv: kv[1]["gap_recovered"], default=None)
-    if best_gap:
-        (entry, budget), s = best_gap
-        out.append(f"- The most quality per FLOP: {entry} at budget {budget:g} recovers "
-                   f"{s['gap_recovered']:.2f} of the loss gap between the all-cheap floor and "
-                   f"the dense model ({pct(s['loss_vs_dense'])} loss vs dense).")
-    misses = sorted({k[0] for k, s in lines.items() if not s["reached"]})
-    if misses:
-        out.append(f"- Budgets not reached (the closest setting is reported): "
-                   f"{', '.join(misses)}. A method whose knob cannot lower FLOPs that far "
-                   "(routing controls only the FFNs of its controlled layers) says so here.")
-    gaps = [(k, s["decode_b1_measured_over_ideal"]) for k, s in lines.items()
-            if s["decode_b1_measured_over_ideal"] is not None]
-    if gaps:
-        worst = min(gaps, key=lambda kv: kv[1])
-        out.append(f"- Measured over ideal at batch-1 decode ranges from {worst[1]:.2f} "
-                   f"({worst[0][0]}) to {max(g for _, g in gaps):.2f}: FLOPs saved are not "
-                   "always time saved on this device.")
-    return out
-
-
-def plots(results: dict[str, Any], lines: dict[Key, dict[str, Any]], out: Path) -> list[str]:
+# -- frontiers ----------------------------------------------------------------------------------
+def frontier_rows(results: dict[str, Any], name: str,
+                  runs: list[dict[str, Any]]) -> list[str]:
     dense = results["dense"]["val_loss"]
-    entries = sorted({k[0] for k in lines})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for n, entry in enumerate(entries):
-        points = sorted(((s["flops_fraction"], s) for k, s in lines.items() if k[0] == entry),
-                        key=lambda p: p[0])
-        style = dict(color=plt.get_cmap("tab20")(n % 20), marker="o", label=entry)
-        axes[0].plot([p[0] for p in points], [p[1]["val_loss"] for p in points], **style)
-        if entry in results.get("speed_references", {}):  # not timed against the backbone
-            style = {**style, "marker": "s", "mfc": "none", "label": f"{entry} (own reference)"}
-        for ax, phase in zip(axes[1:], ("prefill", "decode_b1"), strict=True):
-            xs = [(p[1][f"{phase}_measured_speedup"], p[1]["val_loss"]) for p in points
-                  if p[1][f"{phase}_measured_speedup"] is not None]
-            if xs:
-                ax.plot([x for x, _ in xs], [y for _, y in xs], **style)
-    axes[0].scatter([1.0], [dense], color="k", marker="*", s=120, label="dense", zorder=5)
-    axes[0].set(xlabel="inference FLOPs per token / dense (realised)", ylabel="val loss (nats)",
-                title="quality vs FLOPs")
-    for ax, phase in zip(axes[1:], ("prefill batch 8", "decode batch 1"), strict=True):
-        ax.scatter([1.0], [dense], color="k", marker="*", s=120, zorder=5)
-        ax.axvline(NOTICEABLE, color="grey", ls=":", lw=0.8)
-        ax.set(xlabel=f"measured speedup over dense, {phase}", ylabel="val loss (nats)",
-               title=f"quality vs measured speed ({phase})")
+    settings: dict[float | None, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        for p in run["points"]:
+            key = "trained" if p.get("trained") else round(p["setting"], 6)
+            settings[key].append(p)
+    rows = []
+    for key, points in sorted(settings.items(), key=lambda kv: mean_of(
+            [p["setting"] for p in kv[1]]) or 0.0):
+        setting = mean_of([p["setting"] for p in points])
+        marks = "**trained**" if key == "trained" else (
+            "" if all(p["in_trained_range"] for p in points) else "outside trained range")
+        speeds = " / ".join(fmt(mean_of([speed_of(p, s) for p in points])) for s in SPEEDS)
+        ideal = mean_of([p.get("speed", {}).get("decode_b1", {}).get("measured_over_ideal")
+                         for p in points])
+        loss = mean_of([p["val_loss"] for p in points])
+        rows.append(f"| {name} | {fmt(setting)} | {marks} | {fmt(loss, 4)} | "
+                    f"{pct(None if loss is None else loss / dense - 1)} | "
+                    f"{fmt(mean_of([p['flops_fraction'] for p in points]))} | "
+                    f"{fmt(mean_of([p.get('flops_fraction_stack') for p in points]))} | "
+                    f"{speeds} | {fmt(ideal)} |")
+    return rows
+
+
+def frontier_table(results: dict[str, Any],
+                   entries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    out = ["| method | setting | | val loss | vs dense | FLOPs / dense (model) | "
+           "FLOPs / dense (layer stack) | measured speedup: decode b1 / b8 / prefill | "
+           "measured / ideal (decode b1) |", "|" + "---|" * 9]
+    for name, runs in entries.items():
+        out += frontier_rows(results, name, runs)
+    return out
+
+
+# -- where the FLOPs go -------------------------------------------------------------------------
+def flops_table(entries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[str]]:
+    """At the trained setting: compute removed and added against the dense model, per
+    component (fractions of the dense model's FLOPs per token); and the methods whose added
+    compute exceeds what they remove."""
+    out = ["| method | removed | added | net | components |", "|---|---|---|---|---|"]
+    costly = []
+    for name, runs in entries.items():
+        parts: dict[str, list[float]] = defaultdict(list)
+        for run in runs:
+            for k, v in (trained_point(run).get("breakdown") or {}).items():
+                parts[k].append(v)
+        means = {k: statistics.fmean(v) for k, v in parts.items()}
+        removed = sum(v for v in means.values() if v < 0)
+        added = sum(v for v in means.values() if v > 0)
+        comps = "; ".join(f"{k} {v:+.3f}" for k, v in means.items() if abs(v) > 5e-4) or "—"
+        out.append(f"| {name} | {removed:+.3f} | {added:+.3f} | {removed + added:+.3f} | "
+                   f"{comps} |")
+        if added > -removed and added > 0:
+            costly.append(name)
+    return out, costly
+
+
+# -- fixed FLOPs budgets ------------------------------------------------------------------------
+def budget_table(results: dict[str, Any],
+                 entries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    dense = results["dense"]["val_loss"]
+    budgets = results["budgets"]
+    out = ["| method | " + " | ".join(f"FLOPs {b:g}: nearest point (distance), vs dense, "
+                                      "decode b1" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+    for name, runs in entries.items():
+        if runs[0]["group"] != "frontier":
+            continue
+        cells = []
+        for b in budgets:
+            points = [p for r in runs for p in r["points"]]
+            near = min(points, key=lambda p: abs(p["flops_fraction"] - b))
+            cells.append(f"{fmt(near['setting'])} ({near['flops_fraction'] - b:+.3f}), "
+                         f"{pct(near['val_loss'] / dense - 1)}, "
+                         f"{fmt(speed_of(near, 'decode_b1'))}x")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+# -- the reading --------------------------------------------------------------------------------
+def reading(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
+            costly: list[str]) -> list[str]:
+    dense = results["dense"]["val_loss"]
+    out = []
+    for tolerance in TOLERANCES:
+        best = None
+        for name, runs in entries.items():
+            if runs[0]["group"] == "floor" or name in results.get("speed_references", {}):
+                continue
+            for phase in ("decode_b1", "decode_b8"):
+                speeds = []
+                for run in runs:
+                    pts = [Point(p["setting"], p["val_loss"], s) for p in run["points"]
+                           if p["setting"] is not None and (s := speed_of(p, phase))]
+                    speeds.append(at_quality(pts, dense, tolerance).speed)
+                if all(s is not None for s in speeds) and speeds:
+                    value = statistics.fmean(speeds)
+                    if best is None or value > best[0]:
+                        best = (value, name, phase)
+        if best is None:
+            out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss no method's "
+                       "measured frontier reaches: none offers a speedup there.")
+        elif best[0] < 1:
+            out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss, no method "
+                       f"decodes faster than the dense model: the best is {best[1]} at "
+                       f"{best[0]:.2f}x ({SPEED_NAMES[best[2]]}).")
+        else:
+            out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss, the highest "
+                       f"measured decode speedup is **{best[0]:.2f}x** ({best[1]}, "
+                       f"{SPEED_NAMES[best[2]]}).")
+    if costly:
+        out.append(f"- At its trained setting, the compute added exceeds the compute removed "
+                   f"for: {', '.join(costly)} (see the FLOPs table): they cost more than the "
+                   "dense model.")
+    outside = sorted({n for n, runs in entries.items() for r in runs for p in r["points"]
+                      if not p["in_trained_range"]})
+    if outside:
+        out.append(f"- Points outside the setting a method was trained for (marked in the "
+                   f"frontier table) are measured too, for {', '.join(outside)}: a method's "
+                   "quality there says how well it transfers, not what it was trained to do.")
+    pair = [n for n in ("routing-g1", "routing-g1-cheap-all") if n in entries]
+    if len(pair) == 2:
+        out += cheap_paths(entries, dense)
+    return out
+
+
+def cheap_paths(entries: dict[str, list[dict[str, Any]]], dense: float) -> list[str]:
+    """Routing's cheap paths trained on their routed tokens (the paper) or on every token:
+    the loss at each measured budget, seed by seed under the verdict rule."""
+    routed, everywhere = entries["routing-g1"], entries["routing-g1-cheap-all"]
+    lines = []
+    settings = sorted({p["setting"] for r in routed for p in r["points"]})
+    for s in settings:
+        diffs = []
+        for a, b in zip(routed, everywhere, strict=False):
+            pa = next((p for p in a["points"] if p["setting"] == s), None)
+            pb = next((p for p in b["points"] if p["setting"] == s), None)
+            if pa and pb:
+                diffs.append(pa["val_loss"] - pb["val_loss"])  # > 0: training on all is better
+        if diffs:
+            lines.append(f"budget {s:g}: {statistics.fmean(diffs):+.4f} nats "
+                         f"({verdict(diffs)})")
+    return ["- Routing's cheap paths trained on every token (`cheap_training=all`) against "
+            "the paper's (routed tokens only), loss of the latter minus the former by budget: "
+            + "; ".join(lines) + ". The leaderboard keeps the paper's recipe as `routing-g1`."]
+
+
+# -- figures ------------------------------------------------------------------------------------
+def plots(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
+          out: Path) -> list[str]:
+    dense = results["dense"]["val_loss"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for n, (name, runs) in enumerate(entries.items()):
+        if runs[0]["group"] == "floor":
+            continue
+        colour = plt.get_cmap("tab20")(n % 20)
+        points = sorted((p for p in runs[0]["points"] if p["setting"] is not None),
+                        key=lambda p: p["setting"])
+        for ax, phase in zip(axes, ("decode_b1", "decode_b8"), strict=True):
+            xy = [(speed_of(p, phase), 100 * (p["val_loss"] / dense - 1), p) for p in points
+                  if speed_of(p, phase) is not None]
+            if not xy:
+                continue
+            ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], "-o", color=colour, ms=3,
+                    label=name, lw=1)
+            for x, y, p in xy:
+                if p.get("trained"):
+                    ax.plot([x], [y], "*", color=colour, ms=13, mec="k")
+    for ax, phase in zip(axes, ("decode batch 1", "decode batch 8"), strict=True):
+        ax.axvline(1.0, color="grey", lw=0.8)
+        for t in TOLERANCES:
+            ax.axhline(100 * t, color="grey", ls=":", lw=0.8)
+        ax.set(xlabel=f"measured speedup over the dense backbone, {phase}",
+               ylabel="validation loss over dense (%)",
+               title=f"each method's frontier (star: its trained setting), {phase}")
     axes[0].legend(fontsize=7)
-    if results.get("speed_references"):
-        axes[2].legend(handles=[h for h in axes[2].get_lines() if "(own reference)" in
-                                str(h.get_label())], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_cost.png", dpi=110)
-    plt.close(fig)
-    files = ["quality_vs_cost.png"]
+    files = [save_figure(fig, out / "quality_vs_speed.png")]
     passages = []
-    for (entry, budget), rows in grouped(results["rows"]).items():
-        row = rows[0]
-        if row.get("passage_depth") and row.get("passage") and budget in (None, min(
-                results["budgets"])):
-            text = row["passage"]
-            label = f"{entry} ({'own setting' if budget is None else f'FLOPs budget {budget:g}'})"
-            passages.append(DepthText(label, text["tokens"][:len(row["passage_depth"])],
-                                      row["passage_depth"], text["unit"], text["most"]))
+    for name, runs in entries.items():
+        point = trained_point(runs[0])
+        if point.get("passage_fraction") and runs[0].get("passage"):
+            values = point["passage_fraction"]
+            passages.append(DepthText(f"{name} (trained setting)",
+                                      runs[0]["passage"][:len(values)], values,
+                                      "fraction of the dense layer stack's compute", 1.0))
     if passages:
         png(passages, out / "where_compute_goes.png",
-            "the same validation passage: each token coloured by the compute it received "
-            "(blue least, red most)")
+            "the same validation passage at each method's trained setting: each token coloured "
+            "by its share of the dense layer stack's compute (one scale: blue none, red all "
+            "or more)")
         files.append("where_compute_goes.png")
     return files
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    lines = lines_of(results)
-    figures = plots(results, lines, out)
+    entries = by_entry(results)
+    flops_lines, costly = flops_table(entries)
+    figures = plots(results, entries, out)
     bb = results["backbone"]
+    dense = results["dense"]["val_loss"]
     text = [
-        "# Leaderboard: adaptive depth at matched FLOPs",
+        "# Leaderboard: speed at (nearly) the dense model's quality",
         "",
         f"Preset `{results['preset']}`, {results['seeds']} seed(s). One backbone for every "
         f"method: the `{bb['preset']}` preset pretrained for {bb['steps']} steps on "
-        f"`{bb['corpus']}` with the `{bb['tokenizer']}` tokenizer (validation loss "
-        f"{fmt(bb.get('val_loss'), 4)}). Each method is trained on it by its own command, then "
-        "set through its cost knob to each FLOPs budget *as realised* on held-out text fed "
-        "token by token through the KV cache, as generation feeds it; the same text gives the "
-        "validation loss. Speeds are measured by `adadepth bench` against the dense backbone in "
-        "interleaved rounds (tokens/s of the method, dense in brackets; medians). The gap "
-        "recovered is (L_all-cheap - L) / (L_all-cheap - L_dense), the all-cheap floor being "
-        "routing with every controlled layer on its trained cheap path. Training FLOPs count "
-        "what each method's training executed (docs/methods.md, cost accounting).",
+        f"`{bb['corpus']}` with the `{bb['tokenizer']}` tokenizer; its loss on the held-out "
+        f"windows below is {dense:.4f}. Each method is trained on it by `adadepth fit`, then "
+        "measured at the setting it was trained at and along its knob from its cheapest "
+        f"setting to its dense-equivalent one ({results['frontier_settings']} settings besides "
+        "the trained one): validation loss and realised FLOPs on held-out text fed token by "
+        "token through the KV cache, as generation feeds it, and speed timed against the dense "
+        "backbone in one process, interleaved (medians over rounds). The speed at a quality "
+        "bound is read from each method's measured points: a point within the bound (m), or "
+        "interpolated between two points along the knob that bracket it (i); never "
+        "extrapolated. FLOPs count what ran, gates, predictors, extra head reads and drafts "
+        f"included (docs/methods.md). With several seeds, {RULE}.",
         "",
-        "## The table",
+        "## Measured speedup at no more than +1 %, +2 % and +5 % validation loss",
         "",
-        *table(results, lines),
+        *headline_table(results, entries),
         "",
-        "## Reading the table",
+        "![quality vs speed](quality_vs_speed.png)",
         "",
-        *reading(results, lines),
+        "## Reading",
+        "",
+        *reading(results, entries, costly),
+        "",
+        "## Each method's frontier",
+        "",
+        *frontier_table(results, entries),
+        "",
+        *(f"- {name}: {what}." for name, what in results.get("speed_references", {}).items()),
+        "",
+        "## Where the FLOPs go, at the trained setting",
+        "",
+        "Against the dense model's FLOPs per token: what the method removed (< 0) and what it "
+        "added (> 0), by component.",
+        "",
+        *flops_lines,
+        "",
+        "## Fixed FLOPs budgets: the nearest measured point",
+        "",
+        *budget_table(results, entries),
         "",
         "## Methods",
         "",
-        *[f"- **{name}**: {about}" for name, about in results["entries"].items()],
+        *[f"- **{name}**: {about}" for name, about in results["about"].items()],
         "",
-        "## Plots",
+        "## Where the compute goes",
         "",
-        *[f"![{f}]({f})" for f in figures],
+        *[f"![{f}]({f})" for f in figures if f != "quality_vs_speed.png"],
     ]
     write_text_atomic(out / "report.md", "\n".join(text) + "\n")

@@ -1,43 +1,25 @@
 """The ponder study's report: every arm's perplexity against its inference FLOPs, AdaPonderLM
 against PonderLM and against the fixed pruning schedules per seed, where the passes go, measured
-speedups, and the paper's findings beside ours with a plain verdict each; PNG plots beside it."""
+speedups, and the paper's findings beside ours, each judged by the one rule of protocol.py; PNG
+plots beside it."""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.protocol import figures, joint, stated, verdict
+from adadepth.studies.stats import Arms, by_arm, mean_std, per_seed
+from adadepth.train.checkpoint import write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.studies.report import mean_std  # noqa: E402
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
-
-Run = dict[str, Any]
 # "Comparable perplexity": within 1% (0.01 nats), our reading of the paper's wording.
 COMPARABLE_NATS = 0.01
 
 
-def by_arm(runs: list[Run], track: str) -> dict[str, list[Run]]:
-    arms: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        if r["track"] == track:
-            arms[r["arm"]].append(r)
-    for rs in arms.values():
-        rs.sort(key=lambda r: r["seed"])
-    return dict(arms)
-
-
-def per_seed(arms: dict[str, list[Run]], arm: str) -> dict[int, Run]:
-    return {r["seed"]: r for r in arms.get(arm, [])}
-
-
-def arm_table(arms: dict[str, list[Run]]) -> list[str]:
+def arm_table(arms: Arms) -> list[str]:
     head = ["arm", "seeds", "val loss", "perplexity", "avg passes", "FLOPs vs backbone",
             "FLOPs vs PonderLM", "train wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -54,7 +36,7 @@ def arm_table(arms: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def versus_ponderlm(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, Any]]:
+def versus_ponderlm(arms: Arms) -> tuple[list[str], dict[str, Any]]:
     """AdaPonderLM's compute saving over PonderLM and its loss difference, per seed."""
     ada, fixed = per_seed(arms, "AdaPonderLM"), per_seed(arms, "PonderLM")
     lines = ["| seed | PonderLM val loss | AdaPonderLM val loss | difference | AdaPonderLM "
@@ -70,12 +52,13 @@ def versus_ponderlm(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, An
     return lines, {"savings": savings, "diffs": diffs}
 
 
-def iso_flops(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, list[bool]]]:
+def iso_flops(arms: Arms) -> tuple[list[str], dict[str, list[float]]]:
     """AdaPonderLM against the uniform and geometric schedules aimed at its passes, per seed."""
     ada = per_seed(arms, "AdaPonderLM")
     lines = ["| seed | AdaPonderLM: passes, val loss | uniform: passes, val loss | geometric: "
              "passes, val loss | AdaPonderLM lower loss than |", "|---|---|---|---|---|"]
-    wins: dict[str, list[bool]] = {"uniform": [], "geometric": []}
+    # Per schedule, its val loss − AdaPonderLM's on each seed (> 0: AdaPonderLM lower).
+    ahead: dict[str, list[float]] = {"uniform": [], "geometric": []}
     for s in sorted(ada):
         cells, beat = [f"{ada[s]['avg_passes']:.3f}, {ada[s]['val_loss']:.4f}"], []
         for kind in ("uniform", "geometric"):
@@ -83,12 +66,11 @@ def iso_flops(arms: dict[str, list[Run]]) -> tuple[list[str], dict[str, list[boo
             if other is None:
                 cells.append("n/a")
                 continue
-            won = ada[s]["val_loss"] < other["val_loss"]
-            wins[kind].append(won)
-            beat += [kind] if won else []
+            ahead[kind].append(other["val_loss"] - ada[s]["val_loss"])
+            beat += [kind] if ahead[kind][-1] > 0 else []
             cells.append(f"{other['avg_passes']:.3f}, {other['val_loss']:.4f}")
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {', '.join(beat) or 'neither'} |")
-    return lines, wins
+    return lines, ahead
 
 
 def nll_tables(analysis: dict[str, Any], track: str) -> tuple[list[str], list[float]]:
@@ -118,69 +100,72 @@ def bench_table(bench: dict[str, Any]) -> list[str]:
     return lines
 
 
-def verdict(all_seeds: bool, some: bool) -> str:
-    return "reproduced" if all_seeds else ("partly" if some else "not reproduced")
-
-
-def findings(arms: dict[str, list[Run]], vs: dict[str, Any], wins: dict[str, list[bool]],
+def findings(arms: Arms, vs: dict[str, Any], ahead: dict[str, list[float]],
              rhos: list[float]) -> list[str]:
-    out = ["| published finding | paper | ours | verdict |", "|---|---|---|---|"]
+    """Each published finding beside ours: the per-seed quantities the rule reads (oriented so
+    that > 0 supports the finding) and its verdict (protocol.verdict; protocol.joint over a
+    finding's parts)."""
+    out = ["| published finding | paper | ours (per seed; > 0 supports the finding) | verdict |",
+           "|---|---|---|---|"]
     savings, diffs = vs["savings"], vs["diffs"]
     if savings:
-        comparable = [d <= COMPARABLE_NATS for d in diffs]
-        saved = [s >= 0.05 for s in savings]
-        both = [a and b for a, b in zip(comparable, saved, strict=True)]
+        # Two parts: at least 5 % fewer FLOPs, and a loss at most COMPARABLE_NATS above.
+        saved = [s - 0.05 for s in savings]
+        comparable = [COMPARABLE_NATS - d for d in diffs]
+        both = joint([verdict(saved), verdict(comparable)])
         out.append(
             f"| AdaPonderLM needs less inference compute than PonderLM at comparable perplexity "
             f"| about 10% fewer FLOPs | {statistics.mean(savings):.1%} fewer FLOPs (per seed "
-            f"{', '.join(f'{s:.1%}' for s in savings)}), loss {statistics.mean(diffs):+.4f} "
-            f"nats (comparable = at most +{COMPARABLE_NATS} in {sum(comparable)}/{len(diffs)} "
-            f"seeds) | {verdict(all(both), any(both))} |")
+            f"{', '.join(f'{s:.1%}' for s in savings)}), loss "
+            f"{statistics.mean(diffs):+.4f} nats; FLOPs saved − 5 %: "
+            f"{figures(saved, '.3f')}; +{COMPARABLE_NATS} nats − its loss above PonderLM's: "
+            f"{figures(comparable, unit=' nats')} | {both} |")
     if rhos:
-        positive = [r > 0 for r in rhos]
         out.append(
             f"| the learned gates spend more passes on high-NLL (hard) tokens | positive "
-            f"relation | Spearman(passes, backbone NLL) {statistics.mean(rhos):+.3f} (per seed "
-            f"{', '.join(f'{r:+.3f}' for r in rhos)}) | "
-            f"{verdict(all(positive) and statistics.mean(rhos) >= 0.1, any(positive))} |")
+            f"relation | Spearman(passes, backbone NLL): {figures(rhos, '.3f')} | "
+            f"{verdict(rhos)} |")
     for kind in ("uniform", "geometric"):
-        if wins[kind]:
-            n, total = sum(wins[kind]), len(wins[kind])
+        if ahead[kind]:
             out.append(f"| at equal FLOPs the learned halting beats {kind} pruning | "
-                       f"consistently | lower val loss in {n}/{total} seeds | "
-                       f"{verdict(n == total, n > 0)} |")
+                       f"consistently | lower val loss in {sum(w > 0 for w in ahead[kind])}/"
+                       f"{len(ahead[kind])} seeds; {kind}'s val loss − AdaPonderLM's: "
+                       f"{figures(ahead[kind], unit=' nats')} | {verdict(ahead[kind])} |")
     per_pass, shared = per_seed(arms, "AdaPonderLM"), per_seed(arms, "Ada-shared-gate")
     seeds = sorted(per_pass.keys() & shared.keys())
     if seeds:
-        worse = [shared[s]["val_loss"] > per_pass[s]["val_loss"] for s in seeds]
+        worse = [shared[s]["val_loss"] - per_pass[s]["val_loss"] for s in seeds]
         spread = [statistics.pstdev([arm[s]["avg_passes"] for s in seeds])
                   for arm in (per_pass, shared)]
+        # Instability across seeds, per seed: how far the shared gate's average passes lie
+        # from their mean over seeds, minus how far the per-pass gates' lie from theirs.
+        centre = [statistics.mean(arm[s]["avg_passes"] for s in seeds)
+                  for arm in (per_pass, shared)]
+        wider = [abs(shared[s]["avg_passes"] - centre[1])
+                 - abs(per_pass[s]["avg_passes"] - centre[0]) for s in seeds]
         out.append(
             f"| one shared gate MLP is unstable; iteration-specific gates are needed | unstable "
-            f"| shared gate: higher val loss in {sum(worse)}/{len(seeds)} seeds; spread of avg "
-            f"passes over seeds {spread[1]:.3f} (per-pass gates {spread[0]:.3f}) | "
-            f"{verdict(all(worse) and spread[1] > spread[0], any(worse) or spread[1] > spread[0])}"
-            " |")
+            f"| shared gate: higher val loss in {sum(w > 0 for w in worse)}/{len(seeds)} seeds, "
+            f"its val loss − the per-pass gates': {figures(worse, unit=' nats')} "
+            f"({verdict(worse)}); spread of avg passes over seeds {spread[1]:.3f} (per-pass "
+            f"gates {spread[0]:.3f}), the shared gate's distance from its mean over seeds − "
+            f"the per-pass gates': {figures(wider, '.3f', ' passes')} ({verdict(wider)}) | "
+            f"{joint([verdict(worse), verdict(wider)])} |")
     bb, fixed = per_seed(arms, "backbone"), per_seed(arms, "PonderLM")
     seeds = sorted(bb.keys() & fixed.keys())
     if seeds:
-        better = [fixed[s]["val_loss"] < bb[s]["val_loss"] for s in seeds]
+        lower = [bb[s]["val_loss"] - fixed[s]["val_loss"] for s in seeds]
         out.append(f"| (PonderLM) pondering lowers the loss of the same backbone | lower "
-                   f"perplexity | PonderLM lower val loss in {sum(better)}/{len(seeds)} seeds, "
-                   f"at {statistics.mean(fixed[s]['flops_vs_backbone'] for s in seeds):.2f}x the "
-                   f"backbone's FLOPs | {verdict(all(better), any(better))} |")
+                   f"perplexity | PonderLM lower val loss in {sum(d > 0 for d in lower)}/"
+                   f"{len(seeds)} seeds, at "
+                   f"{statistics.mean(fixed[s]['flops_vs_backbone'] for s in seeds):.2f}x the "
+                   f"backbone's FLOPs; the backbone's val loss − PonderLM's: "
+                   f"{figures(lower, unit=' nats')} | {verdict(lower)} |")
     return out
 
 
 # -- plots ---------------------------------------------------------------------------------------
-def save(fig: Any, ax: Any, path: Path) -> None:
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
+def pareto_plot(arms: Arms, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = {"baseline": "s", "ada": "o", "sweep": "o", "ablation": "^", "schedule": "D"}
     ada_points = []
@@ -201,10 +186,10 @@ def pareto_plot(arms: dict[str, list[Run]], path: Path, title: str) -> None:
         ax.plot(*zip(*frontier, strict=True), "k--", lw=0.8, label="AdaPonderLM frontier (means)")
     ax.set(xlabel="inference FLOPs per token / backbone's", ylabel="validation perplexity",
            title=title)
-    save(fig, ax, path)
+    save_figure(fig, path, dpi=120, legend=ax)
 
 
-def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: str,
+def passes_plots(arms: Arms, analysis: dict[str, Any], track: str,
                  out: Path) -> list[str]:
     files = [f"passes_{track}.png", f"passes_vs_nll_{track}.png"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -218,7 +203,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                [h / total for h in hist], width, label=name)
     ax.set(xlabel="passes run", ylabel="fraction of held-out tokens",
            title="passes per token (all seeds)")
-    save(fig, ax, out / files[0])
+    save_figure(fig, out / files[0], dpi=120, legend=ax)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, key in enumerate(sorted(k for k in analysis if k.startswith(f"{track}-seed"))):
@@ -232,7 +217,7 @@ def passes_plots(arms: dict[str, list[Run]], analysis: dict[str, Any], track: st
                    alpha=0.15, color=f"C{n}")
     ax.set(xlabel="passes under AdaPonderLM", ylabel="NLL under the backbone (nats)",
            title="harder tokens (by the backbone) get more passes?")
-    save(fig, ax, out / files[1])
+    save_figure(fig, out / files[1], dpi=120, legend=ax)
     return files
 
 
@@ -252,10 +237,13 @@ def write(results: dict[str, Any], out: Path) -> None:
         "AdaPonderLM (lambda 0.1, k 0.1) realised on the same seed. `results.json` holds every "
         "figure.",
         "",
+        stated("per-seed differences between arms of the same seed (or, where a finding rests "
+               "on something else, the per-seed quantity it names)"),
+        "",
     ]
     for track in results["tracks"]:
         name = track["name"]
-        arms = by_arm(results["runs"], name)
+        arms = by_arm(results["runs"], track=name)
         if not arms:
             continue
         shape = f"preset `{track['preset']}` with {track['model']}"
@@ -265,7 +253,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                f"{track['start_val_loss']:.4f})" if track.get("pretrain_steps") else
                f"from scratch, {shape}")
         vs_lines, vs = versus_ponderlm(arms)
-        iso_lines, wins = iso_flops(arms)
+        iso_lines, ahead = iso_flops(arms)
         nll_lines, rhos = nll_tables(results["analysis"], name)
         pareto = f"pareto_{name}.png"
         pareto_plot(arms, out / pareto, f"{name}: perplexity against inference FLOPs")
@@ -282,7 +270,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             lines += ["### Measured speedups (`adadepth bench`, AdaPonderLM seed 0)", "",
                       *bench_table(bench), "", f"![bench](bench/{name}/bench.png)", ""]
         lines += ["### The paper's findings beside ours", "",
-                  *findings(arms, vs, wins, rhos), "", "### Plots", ""]
+                  *findings(arms, vs, ahead, rhos), "", "### Plots", ""]
         lines += [f"![{f}]({f})" for f in figures]
         lines.append("")
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -1,25 +1,20 @@
-"""The aux-loss study's recipes: how big each preset's study is, and the record in the study
-folder that keeps one folder to one recipe (so a resumed study never mixes runs of two).
-"""
+"""The aux-loss study's recipes: how big each preset's study is (its backbone and every
+controller run); the leaderboard's backbones are these too."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from adadepth.errors import UserError
-from adadepth.train.checkpoint import write_json_atomic
+from adadepth.studies import shape
 
-RECORD = "study.json"
 # The general-text corpus of the `paper` recipe: the paper trained on "a fineweb-edu subset".
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu:sample-10BT"
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(shape.Recipe):
     """Sizes of one preset's study: the backbone's pretraining and every controller run."""
 
     corpus: str
@@ -33,17 +28,17 @@ class Recipe:
     routing: dict[str, Any] = field(default_factory=dict)  # routing options of every run
     train: dict[str, Any] = field(default_factory=dict)  # train options of every run
 
-    def record(self, preset: str) -> dict[str, Any]:
-        """What must agree for a study folder to be resumed."""
-        return {"study": "aux-losses", "preset": preset, **dataclasses.asdict(self)}
-
 
 RECIPES = {
     # Sized so that the whole study (backbone included) runs in under 10 minutes on 2 cores.
     # 160 controller steps, not fewer: at 80 the LM-only gate (A3) had barely begun to leave
     # random routing, and its average LM was within seed noise of random's.
+    # The oracle labels both controlled layers every step (`oracle_layers: 0`, all): the
+    # default labelling, sized for deep models, would label one for G3 on-policy here. The
+    # cheap path starts at zero (`low_rank`), as in the study's kept report: a copy of the full
+    # FFN (the default, `pruned`) is not the paper's starting point.
     "tiny": Recipe("tiny-shakespeare", 64, 12, controller_steps=160, backbone_steps=600,
-                   tokenizer="char"),
+                   tokenizer="char", routing={"oracle_layers": 0, "cheap": "low_rank"}),
     # Sized in benchmarks/README.md ("The aux-loss study at `small` scale") so that the study
     # with --ablations (45 controller runs) finishes within 90 minutes on a 2-core CPU.
     # The probe (benchmarks/study_cost.py) put 16 x 128-token batches, 2000 backbone and 400
@@ -52,7 +47,8 @@ RECIPES = {
     # labels cost a forward per labelled layer.
     "small": Recipe("tiny-shakespeare", 64, 8, controller_steps=160, backbone_steps=800,
                     tokenizer="char",
-                    routing={"oracle_layers": 1, "calibration_windows": 64}),
+                    routing={"oracle_layers": 1, "calibration_windows": 64,
+                             "cheap": "low_rank"}),
     # The published setting where it is known: a general web-text corpus (fineweb-edu),
     # 20,000 controller steps, a backbone of about the paper's size (SmolLM2-135M, 30 layers).
     # A GPU job; see benchmarks/README.md for its estimated cost.
@@ -63,9 +59,7 @@ RECIPES = {
 
 def recipe_for(preset: str, corpus: str | None = None, steps: int | None = None) -> Recipe:
     """The preset's recipe with the command line's overrides."""
-    if preset not in RECIPES:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(RECIPES)}")
-    recipe = RECIPES[preset]
+    recipe = shape.recipe_of(RECIPES, preset, "aux-losses")
     if corpus is not None and corpus != recipe.corpus:
         # max_docs was chosen for the default corpus; another one is read whole (or, streamed,
         # up to the corpora module's default).
@@ -73,31 +67,3 @@ def recipe_for(preset: str, corpus: str | None = None, steps: int | None = None)
     if steps is not None:
         recipe = dataclasses.replace(recipe, controller_steps=steps)
     return recipe
-
-
-def check_recipe(out: Path, record: dict[str, Any]) -> None:
-    """Refuse a study folder written with another recipe: its runs would be skipped as finished
-    and mixed into this study's report."""
-    path = out / RECORD
-    if path.is_file():
-        try:
-            held = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from err
-        differs = [k for k in sorted(record.keys() | held.keys()) if record.get(k) != held.get(k)]
-        if differs:
-            what = "; ".join(f"{k} {held.get(k)!r} there, {record.get(k)!r} here"
-                             for k in differs[:3])
-            raise UserError(f"{out} holds a study of another recipe ({what}): resume it with "
-                            "the same --preset/--steps/--corpus, or use another --out")
-        return
-    if any((out / "runs").glob("*/config.json")):
-        raise UserError(f"{out} holds runs but no {RECORD} (a study from before recipes were "
-                        "recorded), so its recipe cannot be checked: use another --out")
-
-
-def write_recipe(out: Path, record: dict[str, Any]) -> None:
-    """Record the recipe in a new study folder (check_recipe has passed)."""
-    if not (out / RECORD).is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RECORD, record)

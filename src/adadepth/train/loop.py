@@ -108,7 +108,11 @@ def evaluate(lm_loss: Callable[[Tensor, Tensor], Tensor], data: TokenData, split
     rank, world = (par.rank, par.world) if par is not None else (0, 1)
     total, tokens, mine, count = 0.0, 0, 0, 0
     spare = None
-    for i, (x, y) in enumerate(data.eval_batches(split, batch_size, block_size, max_batches)):
+    windows = data.eval_batches(split, batch_size, block_size, max_batches)
+    # Shown only when evaluating takes a while (a large model's reference loss, say).
+    shown = tqdm(windows, desc=f"evaluating ({split})", delay=2, leave=False, disable=None,
+                 total=eval_batch_count(data, split, batch_size, block_size, max_batches))
+    for i, (x, y) in enumerate(shown):
         count = i + 1
         spare = spare or (x, y)
         if i % world != rank:
@@ -129,6 +133,14 @@ def evaluate(lm_loss: Callable[[Tensor, Tensor], Tensor], data: TokenData, split
     if tokens == 0:
         raise UserError(f"the {split} split is shorter than one block of {block_size} tokens")
     return total / tokens, tokens
+
+
+def eval_batch_count(data: TokenData, split: str, batch_size: int, block_size: int,
+                     max_batches: int | None) -> int:
+    """How many batches `TokenData.eval_batches` yields."""
+    windows = (len(data.split(split)) - 1) // block_size
+    batches = -(-windows // batch_size)
+    return batches if max_batches is None else min(batches, max_batches)
 
 
 @dataclass
@@ -217,6 +229,10 @@ def train(objective: nn.Module, data: TokenData, train_cfg: TrainConfig, optim_c
         optimizer.zero_grad(set_to_none=True)
         pending.append(PendingStep(step + 1, lr, loss_sum, grad_norm, metrics, flops))
         bar.update(1)
+        if len(pending) == step + 1 - start_step:  # the first log window: tokens/s from the
+            # wall time alone (no figure read back), so a slow step shows its speed at once
+            seconds = (time.perf_counter() - window_start) / len(pending)
+            bar.set_postfix(tok_s=f"{tokens_per_step / seconds:.0f}", refresh=True)
         last = step + 1 == train_cfg.steps
         evaluating = (step + 1) % train_cfg.eval_interval == 0 or last
         saving = (step + 1) % train_cfg.ckpt_interval == 0 or last

@@ -8,23 +8,21 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from adadepth.jobs.route import smoothed  # noqa: E402
-from adadepth.studies.findings import (  # noqa: E402
+from adadepth.studies import equal_flops
+from adadepth.studies.findings import policy_table, recovery_table, scales_table
+from adadepth.studies.plots import plt, save_figure
+from adadepth.studies.protocol import judged, stated
+from adadepth.studies.stats import (
     Arms,
     by_arm,
     count,
+    ema,
     head_to_head,
+    in_order,
     mean_std,
-    policy_table,
-    recovery_table,
-    scales_table,
+    paired,
 )
-from adadepth.train.checkpoint import write_text_atomic  # noqa: E402
+from adadepth.train.checkpoint import write_text_atomic
 
 FLOPS_PROXY = (
     "**How the FLOPs proxy is counted.** Analytic training FLOPs per token of one controller "
@@ -43,7 +41,7 @@ def arm_table(arms: Arms) -> list[str]:
     thresholds = next(iter(arms.values()))[0]["threshold_hits"].keys()
     head = ["arm", "seeds", "avg LM", "best LM", "endpoint LM", "val LM (causal)",
             *[f"hit {t}" for t in thresholds], "grad norm", "FLOPs proxy", "full frac (causal)",
-            "wall s"]
+            "inference FLOPs (causal)", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in arms.items():
         hits = []
@@ -58,17 +56,10 @@ def arm_table(arms: Arms) -> list[str]:
                  mean_std([r["val_lm_causal"] for r in rs]), *hits,
                  mean_std([r["grad_norm_mean"] for r in rs]),
                  mean_std([r["flops_proxy"] for r in rs]), mean_std(frac),
+                 mean_std([r.get("flops_ratio_inference") for r in rs]),
                  mean_std([r["wall_s"] for r in rs])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def save_figure(fig: Any, out: Path, name: str, files: list[str]) -> None:
-    """Write a figure as out/name (PNG), close it, and list it in `files`."""
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
 
 
 def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
@@ -78,7 +69,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, rs in arms.items():
         for ax, key in zip(axes, ("lm_curve", "grad_norm_curve"), strict=True):
-            curves = np.array([smoothed(r[key], alpha) for r in rs])
+            curves = np.array([ema(r[key], alpha) for r in rs])
             x = np.arange(1, curves.shape[1] + 1)
             mean, std = curves.mean(0), curves.std(0)
             (line,) = ax.plot(x, mean, label=name, lw=1.2)
@@ -86,7 +77,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     axes[0].set(title="LM loss (EMA), mean ± std over seeds", xlabel="step", ylabel="nats/token")
     axes[1].set(title="controller gradient norm (EMA)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7, ncol=2)
-    save_figure(fig, out, "loss_curves.png", files)
+    files.append(save_figure(fig, out / "loss_curves.png"))
 
     fig, ax = plt.subplots(figsize=(10, 4))
     names = list(arms)
@@ -100,7 +91,7 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=8)
     ax.set(title="realised full fraction per controlled layer", ylim=(0, 1.05))
     ax.legend(fontsize=7)
-    save_figure(fig, out, "full_fraction.png", files)
+    files.append(save_figure(fig, out / "full_fraction.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     values = [statistics.mean(r["flops_proxy"] for r in arms[n]) for n in names]
@@ -111,10 +102,33 @@ def plots(arms: Arms, out: Path, alpha: float = 0.1) -> list[str]:
     ax.set(title="training FLOPs proxy relative to full-only training")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     ax.legend(fontsize=7)
-    save_figure(fig, out, "flops_proxy.png", files)
+    files.append(save_figure(fig, out / "flops_proxy.png"))
+
+    if all(r.get("flops_ratio_inference") is not None for rs in arms.values() for r in rs):
+        files.append(quality_vs_flops(arms, out / "quality_vs_inference_flops.png"))
     return files
 
 
+def quality_vs_flops(arms: Arms, path: Path) -> str:
+    """Validation loss (causal) against realised inference FLOPs, means over seeds: random
+    routing's measured points joined (what the equal-FLOPs comparison reads), learned arms."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    family = sorted((statistics.mean(r["flops_ratio_inference"] for r in rs),
+                     statistics.mean(r["val_lm_causal"] for r in rs), name)
+                    for name, rs in arms.items()
+                    if equal_flops.gate_of(rs) in equal_flops.RANDOM_FAMILY)
+    ax.plot([p[0] for p in family], [p[1] for p in family], "k.-", lw=0.8,
+            label="random routing (all-cheap … all-full)")
+    for n, name in enumerate(equal_flops.learned(arms)):
+        rs = arms[name]
+        ax.scatter([statistics.mean(r["flops_ratio_inference"] for r in rs)],
+                   [statistics.mean(r["val_lm_causal"] for r in rs)], color=f"C{n % 10}",
+                   marker="o" if rs[0].get("group") == "main" else "^", s=30, label=name)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="realised inference FLOPs / dense (causal)",
+           ylabel="validation loss, causal (nats/token)",
+           title="quality against inference FLOPs (means over seeds)")
+    return save_figure(fig, path, legend=ax)
 
 
 def backbone_words(results: dict[str, Any]) -> str:
@@ -134,10 +148,14 @@ def backbone_words(results: dict[str, Any]) -> str:
 def oracle_words(recipe: dict[str, Any]) -> str:
     """How many controlled layers the util/rank oracle labels per step: it drives their cost."""
     options = recipe.get("routing", {})
-    n = options.get("oracle_layers", 0)
-    words = ("util/rank label every controlled layer at every step" if not n else
-             f"util/rank label {n} controlled layer{'s' if n > 1 else ''} per step, drawn at "
-             "random")
+    n = options.get("oracle_layers", 0)  # studies before the sized default labelled all
+    if n is None:
+        words = ("util/rank label as many controlled layers per step as keep the FLOPs proxy "
+                 f"within {options.get('oracle_proxy', 1.5):g}x, drawn at random")
+    else:
+        words = ("util/rank label every controlled layer at every step" if not n else
+                 f"util/rank label {n} controlled layer{'s' if n > 1 else ''} per step, drawn "
+                 "at random")
     others = [f"`routing.{k}={v}`" for k, v in options.items() if k != "oracle_layers"]
     others += [f"`train.{k}={v}`" for k, v in recipe.get("train", {}).items()]
     return words + (f"; every run also sets {', '.join(others)}" if others else "")
@@ -147,6 +165,7 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
     """report.md and the plots in `out`; `other_scales` are other presets' results by preset."""
     arms = by_arm(results["runs"])
     figures = plots(arms, out)
+    costs = results.get("costs") or equal_flops.preset_costs(results)
     learned = [a for a in ("G1", "G3", "G1-A3", "G3-A3") if a in arms]
     recipe = results.get("recipe", {})
     corpus = recipe.get("corpus", "the backbone's corpus")
@@ -165,6 +184,9 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
         "backbone's dense loss plus the margin (mean step over the seeds that reached it, and "
         "how many did).",
         "",
+        stated("per-seed differences between arms trained on the same batches (or, where a "
+               "finding rests on something else, the per-seed quantity it names)"),
+        "",
         FLOPS_PROXY,
         "",
         "## Arms (mean ± std over seeds)",
@@ -179,7 +201,29 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
         "",
         *recovery_table(arms),
         "",
+        "## Recovery at equal full fraction and at equal inference FLOPs",
+        "",
+        *equal_flops.cost_words(arms, costs),
+        "",
+        "Each learned arm against random routing, per seed, on validation loss under causal "
+        "routing: at the same full fraction (the random arm of its budget), and at the same "
+        "realised inference FLOPs `inference FLOPs (causal)`. Random routing at a learned arm's "
+        "FLOPs is its run at the budget that matches them where the study trained one "
+        "(`random@ARM`, new studies: random routing's FLOPs are linear in its budget, its gates "
+        "costing nothing); otherwise its loss is read along its measured points (all-cheap as "
+        f"budget 0, random at each budget it ran, all-full as budget 1), a point within "
+        f"{equal_flops.TOLERANCE:g} of the dense FLOPs counting as *measured*, else linearly "
+        "*interpolated* between the two that bracket the FLOPs, and never extrapolated: where "
+        "the arm costs more than the dense model, no budget of random routing matches it. "
+        "`random's budget`: the budget whose FLOPs match the arm's (mean over seeds).",
+        "",
+        *equal_flops.equal_cost_table(arms),
+        "",
+        *equal_flops.saves_nothing(arms),
         "## Head to head (per seed)",
+        "",
+        "Each line: the seeds where the first arm is lower, then the second arm's figure minus "
+        "the first's per seed (> 0: the first is lower) and the rule's verdict on them.",
         "",
     ]
     pairs = [("G3", "G1", "avg_lm", "G3 lower average LM than G1"),
@@ -193,7 +237,8 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
     for a, b, key, text in pairs:
         h = head_to_head(arms, a, b, key)
         if h is not None:
-            lines.append(f"- {text}: {count(h)}")
+            diffs = in_order(paired(arms, a, b, key))
+            lines.append(f"- {text}: {count(h)}; {judged(diffs, unit=' nats')}")
     policy = policy_table(arms)
     if policy:
         lines += ["", "## On-policy against off-policy oracle (per seed)", "",
@@ -206,7 +251,8 @@ def write(results: dict[str, Any], out: Path, other_scales: dict[str, dict[str, 
     sources = [f"`{name}` from `{r['source']}`" for name, r in sorted(other_scales.items())
                if r.get("source")]
     lines += ["", "## The paper's findings beside ours, across scales", "",
-              "Each cell: our figure, then whether it reproduces the paper's. The other scales' "
+              "Each cell: our figure, the per-seed quantity the rule reads (what it compares is "
+              "named), and its verdict. The other scales' "
               "columns come from their own studies" + (f" ({'; '.join(sources)})" if sources
                                                        else "") + "; `not run`: no study of "
               "that scale was known when this report was written (`adadepth study aux-losses "
