@@ -44,6 +44,7 @@ from torch import Tensor
 from adadepth.bench import heldout_windows
 from adadepth.cli import run_or_exit
 from adadepth.data import load_corpus, prepare_tokens
+from adadepth.depth import selfspec_search as search
 from adadepth.generate import generate
 from adadepth.hf import backbones
 from adadepth.runs import load_run
@@ -169,14 +170,17 @@ def main() -> None:
               flush=True)
 
         rows = []
+        measured: dict[str, Any] = {}  # contender -> its model bound to a fresh tally
         for batch in batches:
             contenders: dict[str, Callable[[Tensor], Tensor]] = {
                 "transformers generate": lambda p: hf_generate(hf, p, n),
                 "adadepth dense": lambda p: generate(dense, p, n, temperature=0.0)[:, PROMPT:],
-                "self-spec skip": lambda p: generate(ours["skip"], p, n,
+                # self-spec decodes through a measured copy of each run's model (`measured`,
+                # bound before each timed call), which counts what ran
+                "self-spec skip": lambda p: generate(measured["self-spec skip"], p, n,
                                                      temperature=0.0)[:, PROMPT:],
-                "self-spec exit+adapter": lambda p: generate(ours["exit"], p, n,
-                                                             temperature=0.0)[:, PROMPT:],
+                "self-spec exit+adapter": lambda p: generate(
+                    measured["self-spec exit+adapter"], p, n, temperature=0.0)[:, PROMPT:],
             }
             if batch == 1:
                 contenders[f"transformers assistant_early_exit={best_exit}"] = (
@@ -190,15 +194,18 @@ def main() -> None:
                 order = list(contenders) if rnd % 2 else list(reversed(contenders))
                 times, outs = {}, {}
                 for name in order:
-                    model = ours.get(name.split()[1]) if name.startswith("self-spec") else None
+                    # "self-spec skip" -> "skip", "self-spec exit+adapter" -> "exit"
+                    ours_name = name.split()[-1].split("+")[0]
+                    model = ours.get(ours_name) if name.startswith("self-spec") else None
 
                     def run(f: Callable[[Tensor], Tensor] = contenders[name],
                             p: Tensor = prompt) -> Tensor:
                         return f(p)
 
                     if model is not None:
-                        with model.measure() as m:
-                            times[name], outs[name] = timed(run)
+                        runner, m = model.measured()
+                        measured[name] = runner
+                        times[name], outs[name] = timed(run)
                         realised[name].append(m.summary())
                     else:
                         times[name], outs[name] = timed(run)
@@ -227,13 +234,14 @@ def main() -> None:
         costs = {}
         for name, model in ours.items():
             for batch in batches:
-                t = model.timings(prompts[:batch])
+                t = search.timings(model, prompts[:batch])
+                step = search.draft_step_s(model, t)
                 costs[f"{name} batch {batch}"] = {
-                    "dense_step_s": t["verify_s"][0], "draft_step_s": model.draft_step_s(t),
+                    "dense_step_s": t["verify_s"][0], "draft_step_s": step,
                     "draft_layers": len(model.kept), "verify_s": t["verify_s"],
-                    "draft_step_over_dense": model.draft_step_s(t) / t["verify_s"][0],
+                    "draft_step_over_dense": step / t["verify_s"][0],
                     "verify_over_dense": [v / t["verify_s"][0] for v in t["verify_s"]]}
-                print(f"{name} batch {batch}: draft step {1e3 * model.draft_step_s(t):.1f} ms, "
+                print(f"{name} batch {batch}: draft step {1e3 * step:.1f} ms, "
                       f"dense step {1e3 * t['verify_s'][0]:.1f} ms, verify of 2..9 tokens/row "
                       + ", ".join(f"{1e3 * v:.0f}" for v in t["verify_s"][1:]) + " ms",
                       flush=True)
