@@ -199,6 +199,33 @@ def test_the_cache_left_behind_is_the_dense_models(options: dict, quiet: list[in
                                            atol=1e-5, rtol=1e-5)
 
 
+def test_the_measurement_counts_the_blocks_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tally's token-blocks are the blocks the backbone really ran (prefill, drafts,
+    rejected ones and verify passes, counted independently by wrapping `run_layer`), and the
+    FLOPs per token are those blocks, the head reads and the draft's head reads per token."""
+    bb = llama(BIG_V, [1])
+    model = SelfSpec(bb, SelfSpecConfig(drafter="skip", skip=[1], threshold=0.0,
+                                        draft_tokens=3, draft_vocab=0)).eval()
+    ran = {"blocks": 0}
+    run_layer = bb.run_layer
+
+    def counted(i: int, x: Tensor, ctx) -> Tensor:
+        ran["blocks"] += x.shape[0] * x.shape[1]
+        return run_layer(i, x, ctx)
+
+    monkeypatch.setattr(bb, "run_layer", counted)
+    runner, m = model.measured()
+    with torch.no_grad():
+        generate_many(runner, PROMPTS, 16, temperature=0.0)
+    t = m.tally
+    assert t.get("layers") == ran["blocks"] > 0
+    c, context = model.costs, 10.0
+    scores = 2 * 2.0 * context * model.cfg.n_heads * model.cfg.head_dim
+    by_hand = (ran["blocks"] * (c["layer"] + scores) + t.get("heads") * c["head"]
+               + t.get("draft_heads") * c["head"]) / t.tokens
+    assert m.flops_per_token(context) == pytest.approx(by_hand)
+
+
 # -- speculative sampling keeps the target distribution ------------------------------------
 SMALL_V, NEW = 5, 4
 
