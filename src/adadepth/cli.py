@@ -160,12 +160,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         else:
             print(loaded.tokenizer.decode(row))
         print("---")
-    if measurement is not None:  # what the adaptive model really ran (prompt included)
-        print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
     new_tokens = args.max_new_tokens * args.num_samples
     speed = {"new_tokens": new_tokens, "seconds": seconds,  # the prompt's prefill included
              "tokens_per_s": new_tokens / max(seconds, 1e-9)}
     print(f"speed: {json.dumps(rounded(speed))}", file=sys.stderr)
+    if measurement is not None:  # what the adaptive model really ran (prompt included); last,
+        # so that readers of the `compute:` line can take the rest of stderr
+        print(f"compute: {json.dumps(rounded(measurement.summary()))}", file=sys.stderr)
 
 
 def show_depth(model, tokenizer, ids: list[int], depth: list, row: int, colour: bool) -> str:
