@@ -75,6 +75,12 @@ ENTRIES: list[Arm] = [
     Arm("layerskip-spec", "fit", {"method": "layerskip"}, OWN,
         "LayerSkip's self-speculative decoding: the full model's output, drafted by "
         "the first quarter of the blocks (speed only; FLOPs at or above dense)"),
+    Arm("self-spec-skip", "fit", {"method": "self-spec", "self-spec": {"drafter": "skip"}},
+        OWN, "self-speculative decoding, lossless: drafted by the model less a searched set "
+        "of layers (nothing trains), verified by the full model over one KV cache"),
+    Arm("self-spec-exit", "fit", {"method": "self-spec", "self-spec": {"drafter": "exit"}},
+        OWN, "self-speculative decoding, lossless: drafted by the first layers and an adapter "
+        "distilled to the full model (Kangaroo), verified by the full model"),
     Arm("ponder", "fit", {"method": "ponder",
                           "ponder": {"tau": 0.05, "ce_steps": 40, "k_warmup_steps": 60,
                                      "gates_only_steps": 30},
