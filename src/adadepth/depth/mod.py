@@ -26,7 +26,6 @@ which choices are the paper's and which are ours.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
+from adadepth.depth.capacity import CapacityRouted, resolve_layers
 from adadepth.depth.dispatch import (
     PLAIN,
     Call,
@@ -45,15 +45,14 @@ from adadepth.depth.dispatch import (
     Tally,
     ThresholdController,
     attended_keys,
-    count_tokens,
     membership_loss,
     topk_count,
     topk_index,
 )
-from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss
+from adadepth.depth.method import Evaluate, Knob, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, LayerStack, Output
+from adadepth.model import Context, LayerStack
 
 
 class CausalRouting(Strict):
@@ -140,59 +139,26 @@ def build_routers(options: CausalRouting, keys: list[str], backbone: LayerStack,
     return routers.to(device=p.device, dtype=p.dtype)
 
 
-def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
-    if spec == "every_other":
-        layers = list(range(1, n_layers, 2))
-    elif spec == "all_but_first":
-        layers = list(range(1, n_layers))
-    elif spec == "all":
-        layers = list(range(n_layers))
-    else:
-        layers = sorted(spec)
-        if any(not 0 <= i < n_layers for i in layers) or len(set(layers)) != len(layers):
-            raise UserError(f"routed layers {spec} must be distinct, in 0..{n_layers - 1}")
-    if not layers:
-        raise UserError(f"no routed block: the backbone has {n_layers} layer(s); Mixture-of-"
-                        "Depths needs at least 2 (or mod.layers=all)")
-    return layers
-
-
-class MixtureOfDepths(Method):
+class MixtureOfDepths(CapacityRouted):
     """A backbone whose routed blocks run on the tokens their routers choose."""
 
     name = "mod"
     knob = Knob("capacity", (1.0, 0.5, 0.25, 0.125), low=0.0, high=1.0)
+    RAN = "mask"
     depth_unit = "blocks run"
     options: MoDConfig
 
     def __init__(self, backbone: LayerStack, options: MoDConfig) -> None:
-        super().__init__(backbone, options)
-        self.layers = resolve_layers(options.layers, backbone.n_layers)
-        self.slot = {layer: j for j, layer in enumerate(self.layers)}
+        n = backbone.n_layers
+        super().__init__(backbone, options, resolve_layers(
+            options.layers, n, {"every_other": list(range(1, n, 2))}, "mod"))
         self.routers = build_routers(options, [f"mod-surplus-{j}" for j in range(len(
             self.layers))], backbone, options.router_norm)
-        self.capacity = options.capacity  # the knob's one value
 
-    # -- the forward ---------------------------------------------------------------------------
-    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
-        bb = self.backbone
-        if call.depth is not None and call.records is None:
-            call = call.but(records={})
-        x, ctx = bb.prepare(idx, cache, start, positions=positions, call=call)
-        if call.tally is not None:
-            count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
-        for i in range(bb.n_layers):
-            j = self.slot.get(i)
-            x = bb.run_layer(i, x, ctx) if j is None else self.routed_block(j, i, x, ctx)
-        if call.depth is not None:
-            assert call.records is not None
-            unrouted = bb.n_layers - len(self.layers)
-            call.note_depth(torch.stack([call.records["mask", j] for j in range(len(self.layers))])
-                            .sum(0) + unrouted)
-        return Output(hidden=x, head=bb.head)
+    def causal_score(self, j: int, x: Tensor) -> Tensor:
+        return self.routers[j].causal_score(x)
 
-    def routed_block(self, j: int, layer: int, x: Tensor, ctx: Context) -> Tensor:
+    def routed_layer(self, j: int, layer: int, x: Tensor, ctx: Context) -> Tensor:
         call = ctx.call if ctx.call is not None else PLAIN
         router = self.routers[j]
         B, T = x.shape[:2]
@@ -340,27 +306,6 @@ class MixtureOfDepths(Method):
 
     # -- causal thresholds -----------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float]:
-        """Each routed block's threshold: the (1 - C) quantile of its causal scores on held-out
-        windows. Block by block, so a block sees inputs routed by the thresholds already set
-        below it, as at deployment; the LM head never runs."""
-        was_training = self.training
-        self.eval()
-        bb = self.backbone
-        try:
-            states = [bb.prepare(part, call=Call(rule="causal")) for part in windows.split(chunk)]
-            for i in range(bb.n_layers):
-                j = self.slot.get(i)
-                if j is not None and self.capacity < 1:
-                    scores = torch.cat([self.routers[j].causal_score(h).flatten()
-                                        for h, _ in states])
-                    self.routers[j].rule.calibrate(scores, self.capacity)
-                states = [(bb.run_layer(i, h, ctx) if j is None
-                           else self.routed_block(j, i, h, ctx), ctx) for h, ctx in states]
-        finally:
-            self.train(was_training)
-        return [r.rule.threshold.item() for r in self.routers]
-
     @torch.no_grad()
     def after_training(self, calibration: Tensor, held_out: Tensor,
                        evaluate: Evaluate) -> dict[str, Any]:
@@ -378,7 +323,7 @@ class MixtureOfDepths(Method):
         causal_loss = self(x, call=Call(rule="causal")).loss(y).item()
         realised = self.measured_over([x], Call(rule="causal")).summary()["capacity_per_layer"]
         return {"capacity": self.capacity, "routed_layers": self.layers,
-                "thresholds": [r.rule.threshold.item() for r in self.routers],
+                "thresholds": self.thresholds(),
                 "held_out_loss_topk": topk_loss, "held_out_loss_causal": causal_loss,
                 "causal_agreement_with_topk": agree, "half_rule_agreement_with_topk": agree_half,
                 "realised_capacity_causal": realised}
@@ -395,45 +340,15 @@ class MixtureOfDepths(Method):
                 h = bb.run_layer(i, h, ctx)
                 continue
             score = self.routers[j].causal_score(h)
-            h = self.routed_block(j, i, h, ctx)
+            h = self.routed_layer(j, i, h, ctx)
             out.append((score, records["mask", j]))
         return out
 
     @torch.no_grad()
     def eval_report(self, data: Any, block_size: int, batch_size: int,
                     max_batches: int | None) -> dict[str, Any]:
-        batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
-        measured = self.measured_over(batches, Call(rule="causal"))
-        return {"capacity": self.capacity, "routed_layers": self.layers,
-                "realised_capacity_causal": measured.summary()["capacity_per_layer"],
-                **self.flops_ratios(measured, fl.causal_context(block_size)),
+        return {**super().eval_report(data, block_size, batch_size, max_batches),
                 "causal": self.options.causal}
-
-    # -- the bench -------------------------------------------------------------------------------
-    def _setting(self, capacity: float, thresholds: list[float],
-                 spreads: list[float]) -> Callable[[], None]:
-        def apply() -> None:
-            self.capacity = capacity
-            for router, t, s in zip(self.routers, thresholds, spreads, strict=True):
-                router.rule.set(t, s)
-        return apply
-
-    def trained_range(self) -> tuple[float, float] | None:
-        return (self.options.capacity, self.options.capacity)
-
-    def current_knob_value(self) -> float | None:
-        return self.capacity
-
-    def current_setting(self) -> Callable[[], None]:
-        return self._setting(self.capacity, [r.rule.threshold.item() for r in self.routers],
-                             [r.rule.spread.item() for r in self.routers])
-
-    def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
-        """Capacity `value` with thresholds calibrated to it (the trained router and
-        predictor, thresholds moved to let that fraction through)."""
-        self._setting(value, [float("nan")] * len(self.routers), [1.0] * len(self.routers))()
-        self.calibrate(calibration)
-        return self.current_setting()
 
 
 register("method", "mod")(MethodSpec(

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from adadepth import flops as fl
 from adadepth.config import Strict
+from adadepth.depth.capacity import CapacityRouted, resolve_layers
 from adadepth.depth.dispatch import (
     PLAIN,
     Call,
@@ -50,12 +51,11 @@ from adadepth.depth.dispatch import (
     Tally,
     ThresholdController,
     attended_keys,
-    count_tokens,
 )
-from adadepth.depth.method import Evaluate, Knob, Method, MethodSpec, StepLoss
+from adadepth.depth.method import Evaluate, Knob, MethodSpec, StepLoss
 from adadepth.depth.registry import register
 from adadepth.errors import UserError
-from adadepth.model import Context, KVCache, LayerStack, Output
+from adadepth.model import Context, LayerStack
 
 
 class RouterTuningConfig(Strict):
@@ -83,25 +83,6 @@ class RouterTuningConfig(Strict):
         "attending ones (skipped tokens get no LM gradient)")
 
 
-def resolve_layers(spec: str | list[int], n: int) -> list[int]:
-    """The routed layers. `upper_half`: the paper's n//2 layers just below the last one (16 of
-    Llama-3-8B's 32: layers 15..30)."""
-    if spec == "upper_half":
-        layers = list(range(n - n // 2 - 1, n - 1))
-    elif spec == "all_but_first":
-        layers = list(range(1, n))
-    elif spec == "all":
-        layers = list(range(n))
-    else:
-        layers = sorted(spec)
-        if any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
-            raise UserError(f"routed layers {spec} must be distinct, in 0..{n - 1}")
-    if not layers:
-        raise UserError(f"no routed layer: the backbone has {n} layer(s); Router-Tuning's "
-                        "upper half needs at least 2 (or router-tuning.layers=all)")
-    return layers
-
-
 class AttentionRouter(nn.Module):
     """One routed layer's router z = w . rmsnorm(x) and its causal deployment rule.
 
@@ -120,47 +101,35 @@ class AttentionRouter(nn.Module):
         return self.linear(F.rms_norm(x, (x.shape[-1],))).squeeze(-1)
 
 
-class RouterTuning(Method):
+class RouterTuning(CapacityRouted):
     """A frozen backbone whose routed layers run attention on the tokens their routers let in."""
 
     name = "router-tuning"
     knob = Knob("capacity", (1.0, 0.75, 0.5, 0.25), low=0.0, high=1.0)
+    RAN = "attend"
     depth_unit = "attention sub-blocks run"
     options: RouterTuningConfig
 
     def __init__(self, backbone: LayerStack, options: RouterTuningConfig) -> None:
-        super().__init__(backbone, options)
-        self.layers = resolve_layers(options.layers, backbone.n_layers)
+        n = backbone.n_layers
+        # The paper's upper half: the n//2 layers just below the last one (16 of Llama-3-8B's
+        # 32: layers 15..30).
+        super().__init__(backbone, options, resolve_layers(
+            options.layers, n, {"upper_half": list(range(n - n // 2 - 1, n - 1))},
+            "router-tuning"))
         if options.training_attention == "all" and options.skipped_kv == "drop":
             raise UserError("router-tuning.training_attention=all trains with every token's "
                             "K/V at the routed layers: it needs skipped_kv=write (or use "
                             "training_attention=attending)")
-        self.slot = {layer: j for j, layer in enumerate(self.layers)}
         control = (ThresholdController(options.control_gain, options.control_slack)
                    if options.threshold_control == "online" else None)
         p = next(backbone.parameters())
         self.routers = nn.ModuleList(
             AttentionRouter(f"router-tuning-surplus-{j}", backbone.cfg.d_model, control)
             for j in range(len(self.layers))).to(device=p.device, dtype=p.dtype)
-        self.capacity = options.capacity  # the knob's one value
 
-    # -- the forward ---------------------------------------------------------------------------
-    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, *,
-                positions: Tensor | None = None, call: Call = PLAIN) -> Output:
-        bb = self.backbone
-        if call.depth is not None and call.records is None:
-            call = call.but(records={})
-        x, ctx = bb.prepare(idx, cache, start, positions=positions, call=call)
-        if call.tally is not None:
-            count_tokens(call.tally, ctx, x.shape[0] * x.shape[1])
-        for i in range(bb.n_layers):
-            j = self.slot.get(i)
-            x = bb.run_layer(i, x, ctx) if j is None else self.routed_layer(j, i, x, ctx)
-        if call.depth is not None:
-            assert call.records is not None
-            attended = torch.stack([call.records["attend", j] for j in range(len(self.layers))])
-            call.note_depth(attended.sum(0) + bb.n_layers - len(self.layers))
-        return Output(hidden=x, head=bb.head)
+    def causal_score(self, j: int, x: Tensor) -> Tensor:
+        return self.routers[j](x)
 
     def routed_layer(self, j: int, layer: int, x: Tensor, ctx: Context) -> Tensor:
         """Decide which tokens attend at routed layer `layer`, then run it."""
@@ -364,25 +333,6 @@ class RouterTuning(Method):
 
     # -- causal thresholds -----------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, windows: Tensor, chunk: int = 32) -> list[float]:
-        """Each routed layer's threshold on z: the (1 - C) quantile of its scores on held-out
-        windows, layer by layer, so a layer sees inputs routed as at deployment."""
-        was_training = self.training
-        self.eval()
-        bb = self.backbone
-        try:
-            states = [bb.prepare(part, call=Call(rule="causal")) for part in windows.split(chunk)]
-            for i in range(bb.n_layers):
-                j = self.slot.get(i)
-                if j is not None and self.capacity < 1:
-                    scores = torch.cat([self.routers[j](h).flatten() for h, _ in states])
-                    self.routers[j].rule.calibrate(scores, self.capacity)
-                states = [(bb.run_layer(i, h, ctx) if j is None
-                           else self.routed_layer(j, i, h, ctx), ctx) for h, ctx in states]
-        finally:
-            self.train(was_training)
-        return [r.rule.threshold.item() for r in self.routers]
-
     @torch.no_grad()
     def after_training(self, calibration: Tensor, held_out: Tensor,
                        evaluate: Evaluate) -> dict[str, Any]:
@@ -393,7 +343,7 @@ class RouterTuning(Method):
             self.calibrate(calibration)
         x, y = held_out[:, :-1], held_out[:, 1:]
         out: dict[str, Any] = {"capacity": self.capacity, "routed_layers": self.layers,
-                               "thresholds": [r.rule.threshold.item() for r in self.routers]}
+                               "thresholds": self.thresholds()}
         for label, call in (("dense", Call(force=True)), ("paper_rule", Call(rule="topk")),
                             ("causal", Call(rule="causal"))):
             runner, m = self.measured(call)
@@ -402,24 +352,7 @@ class RouterTuning(Method):
                 out[f"realised_capacity_{label}"] = m.summary()["capacity_per_layer"]
         return out
 
-    @torch.no_grad()
-    def eval_report(self, data: Any, block_size: int, batch_size: int,
-                    max_batches: int | None) -> dict[str, Any]:
-        batches = (x for x, _ in data.eval_batches("val", batch_size, block_size, max_batches))
-        measured = self.measured_over(batches, Call(rule="causal"))
-        return {"capacity": self.capacity, "routed_layers": self.layers,
-                "realised_capacity_causal": measured.summary()["capacity_per_layer"],
-                **self.flops_ratios(measured, fl.causal_context(block_size))}
-
-    # -- the bench -------------------------------------------------------------------------------
-    def _setting(self, capacity: float, thresholds: list[float],
-                 spreads: list[float]) -> Callable[[], None]:
-        def apply() -> None:
-            self.capacity = capacity
-            for router, t, s in zip(self.routers, thresholds, spreads, strict=True):
-                router.rule.set(t, s)
-        return apply
-
+    # -- the knob -----------------------------------------------------------------------------
     def depth_fraction(self, depth: float) -> float:
         """A token that ran `depth` attention sub-blocks skipped the others (its FFNs all ran)."""
         dense = fl.forward_per_token(self.cfg, 1.0)
@@ -427,24 +360,11 @@ class RouterTuning(Method):
         attention = (dense["attn_proj"] + dense["attn_scores"]) / self.cfg.n_layers
         return 1 - (self.backbone.n_layers - depth) * attention / stack
 
-    def trained_range(self) -> tuple[float, float] | None:
-        return (self.options.capacity, self.options.capacity)
-
-    def current_knob_value(self) -> float | None:
-        return self.capacity
-
-    def current_setting(self) -> Callable[[], None]:
-        return self._setting(self.capacity, [r.rule.threshold.item() for r in self.routers],
-                             [r.rule.spread.item() for r in self.routers])
-
     def knob_setter(self, value: float, calibration: Tensor) -> Callable[[], None]:
-        """Capacity `value`, the trained routers' thresholds calibrated to let it through."""
         if self.options.threshold == "paper":
             raise UserError("router-tuning.threshold=paper decides by sigmoid(z) >= 0.5 alone, "
                             "whatever the capacity: bench a run with calibrated thresholds")
-        self._setting(value, [float("nan")] * len(self.routers), [1.0] * len(self.routers))()
-        self.calibrate(calibration)
-        return self.current_setting()
+        return super().knob_setter(value, calibration)
 
 
 register("method", RouterTuning.name)(MethodSpec(
