@@ -146,3 +146,89 @@ def trained_of(run: dict) -> dict:
 def test_bad_leaderboard_input(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str],
                                match: str) -> None:
     assert_user_error(capsys, *argv, "--out", tmp_path / "lb", match=match)
+
+
+# -- the pretrained-model leaderboard (the smollm2 preset) --------------------------------------
+PRETRAINED = ["static-skip", "early-exit", "layerskip-exit", "calm", "self-spec-skip",
+              "self-spec-exit", "router-tuning", "routing-g1", "ensemble"]
+
+
+@pytest.fixture
+def packaged(monkeypatch: pytest.MonkeyPatch, llama_dir: Path) -> Path:
+    """The packaged backbone replaced by the tiny random Llama (no SmolLM2 conversion)."""
+    from adadepth import hf
+
+    monkeypatch.setattr(hf, "ensure_backbone", lambda name: llama_dir)
+    return llama_dir
+
+
+def test_the_smollm2_plan_adapts_the_packaged_backbone_and_never_trains_one(
+        packaged: Path, tmp_path: Path) -> None:
+    """Every entry of the pretrained list (no ponder, no routing floor) over the packaged
+    backbone as it ships, tuned on smol-mix; training-free entries train nothing; each entry's
+    sizes are the preset's; nothing pretrains, and the tiny preset keeps its own entries."""
+    study = leaderboard.Leaderboard(StudyOptions(preset="smollm2", seeds=1,
+                                                 show_progress=False))
+    out = tmp_path / "lb"
+    study.prepare(out)
+    assert study.backbone == packaged and not (out / "backbone").exists()
+    runs = {r.arm.name: r for r in study.plan(out, {})}
+    assert list(runs) == PRETRAINED
+    preset = leaderboard.PRESETS["smollm2"]
+    for name, r in runs.items():
+        assert r.config["backbone"] == str(packaged), name
+        assert r.config["data"] == {"corpus": "smol-mix", "block_size": preset.window_len}
+        assert r.config["train"]["batch_size"] == preset.batch_size
+    for name in ("static-skip", "early-exit", "calm"):  # training-free
+        assert runs[name].config["train"]["steps"] == 0 or name == "static-skip", name
+    assert runs["early-exit"].config["layerskip"]["decoding"] == "early_exit"
+    for name, overrides in preset.entry_overrides.items():  # the preset sizes each entry
+        for o in overrides:
+            key, value = o.split("=", 1)
+            section, option = key.split(".")
+            assert str(runs[name].config[section][option]) == value, (name, o)
+    from adadepth.jobs.fit import fit_config
+
+    routing = fit_config(runs["routing-g1"].config).options
+    assert routing["regime"] == "controller-only" and routing["cheap"] == "auto"
+    assert routing["oracle_layers"] is None and routing["aux"] == ["util", "rank"]
+    assert study.record()["backbone_recipe"] == {"packaged": "smollm2-135m"}
+    tiny = leaderboard.Leaderboard(StudyOptions(preset="tiny", seeds=1, show_progress=False))
+    assert [e.name for e in tiny.entries] == [e.name for e in leaderboard.ENTRIES]
+    assert "entries" not in leaderboard.PRESETS["tiny"].record()  # old folders still resume
+
+
+def test_the_adaptation_budget_and_agreement_reach_results_and_report(
+        packaged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At toy sizes on the tiny Llama: each run's budget (tokens, training and calibration
+    seconds), greedy agreement with the dense model at every point (1 where every layer runs),
+    and the out-of-domain loss at the trained setting, in results.json and the report."""
+    base = leaderboard.PRESETS["smollm2"]
+    toy = dataclasses.replace(
+        base, windows=4, window_len=40, decode_tokens=4, reps=1, corpus="tiny-shakespeare",
+        overrides=[*base.overrides, "train.eval_batches=1"],
+        entry_overrides={"static-skip": ["static-skip.calibration_windows=4"],
+                         "layerskip-exit": ["train.steps=2"]})
+    monkeypatch.setitem(leaderboard.PRESETS, "smol-toy", toy)
+    options = StudyOptions(preset="smol-toy", seeds=1, show_progress=False,
+                           methods=("static-skip", "early-exit", "layerskip-exit"))
+    results = run(leaderboard.Leaderboard(options), tmp_path / "lb")
+    runs = {r["entry"]: r for r in results["runs"]}
+    assert set(runs) == {"static-skip", "early-exit", "layerskip-exit"}
+    assert runs["static-skip"]["budget"]["training_tokens"] == 0
+    assert runs["early-exit"]["budget"]["training_tokens"] == 0
+    assert runs["early-exit"]["steps"] == 0
+    assert runs["layerskip-exit"]["budget"]["training_tokens"] == 2 * toy.batch_size * 40
+    assert runs["layerskip-exit"]["budget"]["training_s"] > 0
+    assert runs["static-skip"]["budget"]["calibration_s"] > 0
+    for r in runs.values():
+        for p in r["points"]:
+            assert 0 <= p["agreement"] <= 1
+        assert "tiny-shakespeare" in trained_of(r)["out_of_domain"]
+    every_layer = next(p for p in runs["static-skip"]["points"] if p["setting"] == 1.0)
+    assert every_layer["agreement"] == 1.0
+    assert "predictions" not in results["dense"] and "out_of_domain" in results["dense"]
+    report = (tmp_path / "lb" / "report.md").read_text()
+    assert "## What adapting each method cost" in report and "0 (training-free)" in report
+    assert "greedy agreement with dense" in report and "## Out of domain" in report
+    assert "as it ships (no pretraining" in report

@@ -87,7 +87,8 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: PositiveInt = 2000
+    steps: int = Field(2000, ge=0, description="optimizer steps; 0 (fit only) = nothing "
+                       "trains: the method over its backbone as built, calibrated only")
     batch_size: PositiveInt = 12
     grad_accum: PositiveInt = 1
     eval_interval: PositiveInt = 250

@@ -23,6 +23,7 @@ from adadepth.data import load_corpus, prepare_tokens
 from adadepth.depth import Method
 from adadepth.depth.dispatch import Call
 from adadepth.errors import UserError
+from adadepth.model import causal_lm_loss
 from adadepth.train import checkpoint as ck
 from adadepth.train.loop import evaluate, resolve_device
 
@@ -135,7 +136,8 @@ class Decoded:
     layer stack (the LM head, which no method removes, left out of both); those FLOPs by
     component against the dense model (`Method.tally_breakdown`, as fractions of the dense
     model's FLOPs per token); the method's summary; and
-    the per-token depth of every fed token, per batch of windows."""
+    the per-token depth of every fed token, per batch of windows; with `predict`, the greedy
+    next token at every scored position (windows, positions)."""
 
     loss: float
     flops_fraction: float = 1.0
@@ -143,38 +145,54 @@ class Decoded:
     breakdown: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     depth: list[torch.Tensor] = field(default_factory=list)
+    predictions: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def decode_eval(model: Any, windows: torch.Tensor, batch_size: int = 16, prompt: int = 1,
-                call: Call | None = None) -> Decoded:
+                call: Call | None = None, predict: bool = False) -> Decoded:
     """Held-out windows fed as generation feeds them: a prompt of `prompt` tokens, then one
     token per cached forward (`Decoded` says what is measured). This is the deployed setting,
     so methods that adapt only while decoding are measured as they run. `call` gives an
-    adaptive model other instructions (a forced pattern)."""
-    total, count, depth = 0.0, 0, []
+    adaptive model other instructions (a forced pattern); `predict` keeps the greedy next
+    token of every position too (read from the same logits as the loss)."""
+    total, count, depth, predicted = 0.0, 0, [], []
     T = windows.shape[1] - 1
     adaptive = isinstance(model, Method)
     parts: list[torch.Tensor] = []
     runner, m = (model.measured((call or Call()).but(depth=parts)) if adaptive
                  else (model, None))
+    guesses: list[torch.Tensor] = []
+
+    def scored(out: Any, targets: torch.Tensor) -> torch.Tensor:
+        if not predict:
+            return out.loss(targets, "none")
+        logits = out.logits  # one or a few positions: computed once for both
+        guesses.append(logits.argmax(-1))
+        return causal_lm_loss(logits, targets, "none")
+
     for rows in windows.split(batch_size):
         cache = runner.new_cache(rows.shape[0], T)
         # each call's loss at once: the logits of a whole window never sit in memory together
-        losses = [runner(rows[:, :prompt], cache, 0).loss(rows[:, 1:prompt + 1], "none")]
+        losses = [scored(runner(rows[:, :prompt], cache, 0), rows[:, 1:prompt + 1])]
         for t in range(prompt, T):
-            losses.append(runner(rows[:, t:t + 1], cache, t).loss(rows[:, t + 1:t + 2], "none"))
+            losses.append(scored(runner(rows[:, t:t + 1], cache, t), rows[:, t + 1:t + 2]))
+        if guesses:
+            predicted.append(torch.cat(guesses, 1))
+            guesses.clear()
         total += torch.cat(losses, 1).sum().item()
         count += rows[:, 1:T + 1].numel()
         if parts:
             depth.append(torch.cat(parts, 1))
             parts.clear()
+    predictions = torch.cat(predicted).cpu() if predicted else None
     if m is None:  # a dense model runs every layer on every token
-        return Decoded(total / count, depth=depth)
+        return Decoded(total / count, depth=depth, predictions=predictions)
     context = fl.causal_context(T)
     dense = fl.forward_per_token(model.cfg, context)
     total_dense, head = sum(dense.values()), dense["lm_head"]
     realised = m.flops_per_token(context)
     parts = {k: v / total_dense for k, v in m.breakdown(context).items()}
     return Decoded(total / count, realised / total_dense,
-                   (realised - head) / (total_dense - head), parts, m.summary(), depth)
+                   (realised - head) / (total_dense - head), parts, m.summary(), depth,
+                   predictions)

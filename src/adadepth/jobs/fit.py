@@ -15,6 +15,7 @@ The method's options come from a section named after it: `routing.budget=0.25`, 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +176,25 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
 
     measure = Evaluate(loss_on, cfg.train.batch_size)
     init_windows = data.halves("train", block, cfg.train.eval_batches * cfg.train.batch_size)[0]
+    started = time.perf_counter()
     before = model.begin_training(TrainingPlan(cfg.train.steps, cfg.train.seed, measure,
                                                init_windows.to(device), cfg.backbone is None))
+    setup_s = time.perf_counter() - started
     history: list[dict[str, Any]] = []
     steps, wall = 0, 0.0
-    if any(p.requires_grad for p in model.parameters()):
+    # train.steps 0: nothing trains (an early exit or a confidence read from the backbone as
+    # it is), and the method is only calibrated
+    if cfg.train.steps > 0 and any(p.requires_grad for p in model.parameters()):
         result = train(objective, data, cfg.train, cfg.optim, block, out, resume=resume,
                        desc=f"fit {spec.name}", show_progress=show_progress)
         history, steps, wall = result.history, result.step, result.wall_s
     model.eval()  # a method with nothing to train (static layer skipping) only calibrates
     count = model.calibration_windows(cfg.train.eval_batches * cfg.train.batch_size)
     calibration, held_out = heldout_halves(data, block, count)
+    started = time.perf_counter()
     with torch.no_grad():
         calibrated = model.after_training(calibration.to(device), held_out.to(device), measure)
+    calibration_s = time.perf_counter() - started
     val = loss_on(objective.lm_loss, "val")
     figures = {**before, **calibrated, "val_loss": val}
     with torch.no_grad():
@@ -211,7 +218,11 @@ def fit(cfg: FitConfig, out: Path, resume: bool = False,
         "training_flops": sum(row["flops"] for row in history),
         "reference_flops_per_token": model.reference_flops_per_token(context),
         "dense_flops_per_token": sum(fl.forward_per_token(model.cfg, context).values()),
-        "wall_s": wall, **figures, **report,
+        "wall_s": wall,
+        # the adaptation budget: tokens trained on, and the seconds spent measuring or
+        # searching before training (setup_s) and calibrating after it (calibration_s)
+        "training_tokens": steps * cfg.train.batch_size * cfg.train.grad_accum * block,
+        "setup_s": setup_s, "calibration_s": calibration_s, **figures, **report,
     }
     if math.isnan(val):
         raise RuntimeError("training diverged: the validation loss is NaN")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from adadepth import runs
 from adadepth.config import PretrainConfig, dump_yaml
 from adadepth.data import build_tokenizer, load_corpus, prepare_tokens
+from adadepth.errors import UserError
 from adadepth.flops import causal_context, train_per_token
 from adadepth.model import Transformer
 from adadepth.train import checkpoint as ck
@@ -41,6 +42,8 @@ class LanguageModeling(nn.Module):
 
 def pretrain(cfg: PretrainConfig, out: Path, resume: bool = False,
              show_progress: bool = True) -> LoopResult:
+    if cfg.train.steps < 1:
+        raise UserError("pretraining needs train.steps of 1 or more")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data.corpus, val_fraction=cfg.data.val_fraction,

@@ -15,7 +15,7 @@ from adadepth.bench import BenchSpec, run_bench
 from adadepth.depth import Method
 from adadepth.errors import UserError
 from adadepth.eval import decode_eval
-from adadepth.runs import load_run
+from adadepth.runs import load_model, load_run
 from adadepth.studies.shape import Arm
 from adadepth.train import checkpoint as ck
 
@@ -29,16 +29,21 @@ FRONTIER, OWN, FLOOR = "frontier", "own setting", "floor"
 
 
 def realised(model: Method, value: float | None, calibration: torch.Tensor,
-             held_out: torch.Tensor) -> dict[str, Any]:
+             held_out: torch.Tensor, dense_predictions: torch.Tensor | None = None
+             ) -> dict[str, Any]:
     """One measured point at a knob setting (None: as the run was left): loss, realised FLOPs
     (of the model, of the layer stack, by component), what the method ran, and the compute each
     token of the first held-out window received (in the method's unit, and as a fraction of the
-    dense layer stack's)."""
+    dense layer stack's); given the dense model's greedy next tokens on the same windows, the
+    fraction of positions where the method's greedy next token is the same (`agreement`)."""
     if value is not None:
         model.knob_setter(value, calibration)()
-    got = decode_eval(model, held_out)
+    got = decode_eval(model, held_out, predict=dense_predictions is not None)
     depth = got.depth[0][0].tolist() if got.depth else None
-    return {"setting": value if value is not None else model.current_knob_value(),
+    agreement = {}
+    if dense_predictions is not None and got.predictions is not None:
+        agreement = {"agreement": (got.predictions == dense_predictions).float().mean().item()}
+    return {**agreement, "setting": value if value is not None else model.current_knob_value(),
             "val_loss": got.loss, "flops_fraction": got.flops_fraction,
             "flops_fraction_stack": got.flops_fraction_stack, "breakdown": got.breakdown,
             "realised": got.summary, "passage_depth": depth,
@@ -80,24 +85,45 @@ def in_range(model: Method, value: float | None) -> bool:
     return span is None or value is None or span[0] - 1e-9 <= value <= span[1] + 1e-9
 
 
+def text_of(corpus: str, d: dict[str, Any], tokenizer, preset: Preset
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration and held-out windows of `corpus`, read with the data settings `d` and
+    made by the data layer as the model's tokenizer starts a document (its BOS, if it adds
+    one)."""
+    from adadepth.data import load_corpus, prepare_tokens
+
+    data = prepare_tokens(load_corpus(corpus, val_fraction=d.get("val_fraction", 0.1),
+                                      max_docs=d.get("max_docs")), tokenizer)
+    return heldout(data, preset.windows, preset.window_len)
+
+
+def out_of_domain(model: torch.nn.Module, tokenizer, preset: Preset,
+                  device: torch.device) -> dict[str, float]:
+    """The model's loss on each of the preset's out-of-domain corpora, as it is set."""
+    return {corpus: decode_eval(model, text_of(corpus, {}, tokenizer, preset)[1].to(device)).loss
+            for corpus in preset.out_of_domain}
+
+
 def evaluate_entry(entry: Arm, run_dir: Path, preset: Preset, device: torch.device,
-                   cache: Path, backbone: torch.nn.Module) -> dict[str, Any]:
+                   cache: Path, backbone: torch.nn.Module,
+                   dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """The measured points of one trained run: its trained setting always, and for a method
     that trades quality for compute its frontier (`Knob.frontier`: at least `preset.frontier`
     settings from its cheapest to its dense-equivalent end), each measured and timed; points
-    are kept on disk as they are measured, so an interrupted evaluation resumes."""
-    from adadepth.data import load_corpus, prepare_tokens
-
+    are kept on disk as they are measured, so an interrupted evaluation resumes. With the
+    dense row's greedy predictions (`dense_row` under `preset.agreement`), each point says how
+    often its greedy next token agrees; the trained setting is also scored on the preset's
+    out-of-domain corpora."""
     done = cache / f"{run_dir.name}.json"
     if done.is_file():
         return json.loads(done.read_text())
     loaded = load_run(run_dir, str(device))
     model = loaded.model
     d = loaded.meta["data"]
-    data = prepare_tokens(load_corpus(d["corpus"], val_fraction=d.get("val_fraction", 0.1),
-                                      max_docs=d.get("max_docs")), loaded.tokenizer)
-    calibration, held_out = heldout(data, preset.windows, preset.window_len)
+    calibration, held_out = text_of(d["corpus"], d, loaded.tokenizer, preset)
     calibration, held_out = calibration.to(device), held_out.to(device)
+    predictions = (torch.tensor(dense["predictions"]) if dense and "predictions" in dense
+                   else None)
     trained = model.current_knob_value() if model.knob is not None else None
     restore = model.current_setting()
     values: list[float | None] = [None]
@@ -112,8 +138,10 @@ def evaluate_entry(entry: Arm, run_dir: Path, preset: Preset, device: torch.devi
         else:
             if value is None:
                 restore()
-            point = {**realised(model, value, calibration, held_out),
+            point = {**realised(model, value, calibration, held_out, predictions),
                      "trained": value is None, "in_trained_range": in_range(model, value)}
+            if value is None and preset.out_of_domain:
+                point["out_of_domain"] = out_of_domain(model, loaded.tokenizer, preset, device)
             ck.write_json_atomic(path, point)
         points.append(point)
     restore()
@@ -134,13 +162,17 @@ def evaluate_entry(entry: Arm, run_dir: Path, preset: Preset, device: torch.devi
 
 
 def dense_row(backbone: Path, preset: Preset, device: torch.device) -> dict[str, Any]:
-    """The dense backbone's own loss on the same held-out text, fed the same way."""
-    from adadepth.data import load_corpus, prepare_tokens
-
-    loaded = load_run(backbone, str(device))
-    d = loaded.meta["data"]
-    data = prepare_tokens(load_corpus(d["corpus"], val_fraction=d.get("val_fraction", 0.1),
-                                      max_docs=d.get("max_docs")), loaded.tokenizer)
-    _, held_out = heldout(data, preset.windows, preset.window_len)
-    return {"entry": "dense", "val_loss": decode_eval(loaded.model, held_out.to(device)).loss,
-            "flops_fraction": 1.0, "flops_fraction_stack": 1.0}
+    """The dense backbone's own loss on the same held-out text, fed the same way (the preset's
+    corpus, or the backbone's own data); under `preset.agreement` its greedy next token at
+    every position too, and its loss on the out-of-domain corpora."""
+    loaded = load_model(str(backbone), str(device))
+    d = loaded.meta["data"] if preset.corpus is None else {}
+    _, held_out = text_of(preset.corpus or d["corpus"], d, loaded.tokenizer, preset)
+    got = decode_eval(loaded.model, held_out.to(device), predict=preset.agreement)
+    row: dict[str, Any] = {"entry": "dense", "val_loss": got.loss, "flops_fraction": 1.0,
+                           "flops_fraction_stack": 1.0}
+    if preset.out_of_domain:
+        row["out_of_domain"] = out_of_domain(loaded.model, loaded.tokenizer, preset, device)
+    if got.predictions is not None:
+        row["predictions"] = got.predictions.tolist()
+    return row

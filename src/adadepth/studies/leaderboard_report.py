@@ -85,8 +85,12 @@ def headline_table(results: dict[str, Any], entries: dict[str, list[dict[str, An
 
 
 # -- frontiers ----------------------------------------------------------------------------------
-def frontier_rows(results: dict[str, Any], name: str,
-                  runs: list[dict[str, Any]]) -> list[str]:
+def has_agreement(entries: dict[str, list[dict[str, Any]]]) -> bool:
+    return any("agreement" in p for runs in entries.values() for r in runs for p in r["points"])
+
+
+def frontier_rows(results: dict[str, Any], name: str, runs: list[dict[str, Any]],
+                  agreement: bool = False) -> list[str]:
     dense = results["dense"]["val_loss"]
     settings: dict[float | None, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
@@ -103,8 +107,10 @@ def frontier_rows(results: dict[str, Any], name: str,
         ideal = mean_of([p.get("speed", {}).get("decode_b1", {}).get("measured_over_ideal")
                          for p in points])
         loss = mean_of([p["val_loss"] for p in points])
+        agrees = (f" {fmt(mean_of([p.get('agreement') for p in points]))} |" if agreement
+                  else "")
         rows.append(f"| {name} | {fmt(setting)} | {marks} | {fmt(loss, 4)} | "
-                    f"{pct(None if loss is None else loss / dense - 1)} | "
+                    f"{pct(None if loss is None else loss / dense - 1)} |{agrees} "
                     f"{fmt(mean_of([p['flops_fraction'] for p in points]))} | "
                     f"{fmt(mean_of([p.get('flops_fraction_stack') for p in points]))} | "
                     f"{speeds} | {fmt(ideal)} |")
@@ -113,12 +119,62 @@ def frontier_rows(results: dict[str, Any], name: str,
 
 def frontier_table(results: dict[str, Any],
                    entries: dict[str, list[dict[str, Any]]]) -> list[str]:
-    out = ["| method | setting | | val loss | vs dense | FLOPs / dense (model) | "
-           "FLOPs / dense (layer stack) | measured speedup: decode b1 / b8 / prefill | "
-           "measured / ideal (decode b1) |", "|" + "---|" * 9]
+    agreement = has_agreement(entries)
+    out = ["| method | setting | | val loss | vs dense | "
+           + ("greedy agreement with dense | " if agreement else "")
+           + "FLOPs / dense (model) | FLOPs / dense (layer stack) | measured speedup: decode "
+           "b1 / b8 / prefill | measured / ideal (decode b1) |",
+           "|" + "---|" * (10 if agreement else 9)]
     for name, runs in entries.items():
-        out += frontier_rows(results, name, runs)
+        out += frontier_rows(results, name, runs, agreement)
     return out
+
+
+# -- what adapting cost, and quality out of domain ----------------------------------------------
+def budget_lines(entries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each method's adaptation budget (mean over seeds): tokens trained on, seconds of
+    training, seconds of measuring, searching and calibrating; none where no run recorded it."""
+    rows = []
+    for name, runs in entries.items():
+        budgets = [r["budget"] for r in runs if r.get("budget")]
+        if not budgets:
+            continue
+        tokens = mean_of([b["training_tokens"] for b in budgets])
+        rows.append(f"| {name} | {fmt(mean_of([r.get('steps') for r in runs]), 4)} | "
+                    f"{'0 (training-free)' if not tokens else f'{tokens:,.0f}'} | "
+                    f"{fmt(mean_of([b['training_s'] for b in budgets]))} | "
+                    f"{fmt(mean_of([b['calibration_s'] for b in budgets]))} |")
+    if not rows:
+        return []
+    return ["## What adapting each method cost", "",
+            "Measured by `adadepth fit` in the study (mean over seeds): the tokens each method "
+            "trained on, the wall seconds of that training, and the wall seconds spent "
+            "measuring, searching and calibrating before and after it (influences, drafter "
+            "searches, thresholds). Evaluation and timing are not included.", "",
+            "| method | steps | training tokens | training s | calibration / search s |",
+            "|---|---|---|---|---|", *rows, ""]
+
+
+def out_of_domain_lines(results: dict[str, Any],
+                        entries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The loss on each out-of-domain corpus at each method's trained setting."""
+    dense = results["dense"].get("out_of_domain")
+    if not dense:
+        return []
+    corpora = list(dense)
+    out = ["## Out of domain, at the trained setting", "",
+           "The same held-out measurement on text far from the backbone's training mix "
+           f"({', '.join(f'`{c}`' for c in corpora)}): loss, and against the dense model's "
+           f"({', '.join(f'{dense[c]:.4f}' for c in corpora)}).", "",
+           "| method | " + " | ".join(f"{c}: loss, vs dense" for c in corpora) + " |",
+           "|---|" + "---|" * len(corpora)]
+    for name, runs in entries.items():
+        cells = []
+        for c in corpora:
+            loss = mean_of([trained_point(r).get("out_of_domain", {}).get(c) for r in runs])
+            cells.append(f"{fmt(loss, 4)}, {pct(None if loss is None else loss / dense[c] - 1)}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 # -- where the FLOPs go -------------------------------------------------------------------------
@@ -287,13 +343,24 @@ def write(results: dict[str, Any], out: Path) -> None:
     figures = plots(results, entries, out)
     bb = results["backbone"]
     dense = results["dense"]["val_loss"]
+    if bb.get("packaged"):
+        backbone = (f"the pretrained `{bb['preset']}` as it ships (no pretraining, its own "
+                    f"tokenizer); its loss on the held-out `{results.get('corpus')}` windows "
+                    f"below is {dense:.4f}. Each method is adapted to it by `adadepth fit` "
+                    "within a CPU budget (training-free where said; the cost is tabled), then ")
+    else:
+        backbone = (f"the `{bb['preset']}` preset pretrained for {bb['steps']} steps on "
+                    f"`{bb['corpus']}` with the `{bb['tokenizer']}` tokenizer; its loss on the "
+                    f"held-out windows below is {dense:.4f}. Each method is trained on it by "
+                    "`adadepth fit`, then ")
+    agreement = ("Greedy agreement is the fraction of held-out positions where the method's "
+                 "most likely next token is the dense model's, on the same windows fed the "
+                 "same way. " if has_agreement(entries) else "")
     text = [
         "# Leaderboard: speed at (nearly) the dense model's quality",
         "",
         f"Preset `{results['preset']}`, {results['seeds']} seed(s). One backbone for every "
-        f"method: the `{bb['preset']}` preset pretrained for {bb['steps']} steps on "
-        f"`{bb['corpus']}` with the `{bb['tokenizer']}` tokenizer; its loss on the held-out "
-        f"windows below is {dense:.4f}. Each method is trained on it by `adadepth fit`, then "
+        f"method: {backbone}"
         "measured at the setting it was trained at and along its knob from its cheapest "
         f"setting to its dense-equivalent one ({results['frontier_settings']} settings besides "
         "the trained one): validation loss and realised FLOPs on held-out text fed token by "
@@ -302,7 +369,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         "bound is read from each method's measured points: a point within the bound (m), or "
         "interpolated between two points along the knob that bracket it (i); never "
         "extrapolated. FLOPs count what ran, gates, predictors, extra head reads and drafts "
-        f"included (docs/methods.md). With several seeds, {RULE}.",
+        f"included (docs/methods.md). {agreement}With several seeds, {RULE}.",
         "",
         "## Measured speedup at no more than +1 %, +2 % and +5 % validation loss",
         "",
@@ -320,6 +387,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         "",
         *(f"- {name}: {what}." for name, what in results.get("speed_references", {}).items()),
         "",
+        *budget_lines(entries),
+        *out_of_domain_lines(results, entries),
         "## Where the FLOPs go, at the trained setting",
         "",
         "Against the dense model's FLOPs per token: what the method removed (< 0) and what it "
