@@ -201,23 +201,23 @@ PRESETS = {
     # on held-out smol-mix (in-domain, docs/corpora.md), Shakespeare out of domain. Sized in
     # docs/gpu.md ("The SmolLM2 leaderboard on a CPU") to finish within 2 hours on 2 cores.
     "smollm2": Preset(
-        "smollm2-135m", steps=30, batch_size=4, windows=8, window_len=128, decode_tokens=16,
+        "smollm2-135m", steps=40, batch_size=4, windows=16, window_len=128, decode_tokens=32,
         reps=2, entries="pretrained", floor=False, corpus="smol-mix",
         out_of_domain=("tiny-shakespeare",), agreement=True,
         overrides=["train.eval_batches=2", "train.log_interval=5"],
         entry_overrides={
             "static-skip": ["static-skip.calibration_windows=16"],
             "calm": ["calm.calibration_windows=16", "calm.calibration_tokens=16"],
-            "layerskip-exit": ["train.steps=30"],
+            "layerskip-exit": ["train.steps=40"],
             "self-spec-skip": ["self-spec.search_windows=4", "self-spec.search_len=64",
                                "self-spec.timed_prompts=1", "self-spec.timed_tokens=16",
                                "self-spec.finalists=2"],
-            "self-spec-exit": ["train.steps=30", "self-spec.search_windows=4",
+            "self-spec-exit": ["train.steps=40", "self-spec.search_windows=4",
                                "self-spec.search_len=64", "self-spec.timed_prompts=1",
                                "self-spec.timed_tokens=16", "self-spec.finalists=2"],
-            "router-tuning": ["train.steps=30"],
-            "routing-g1": ["train.steps=30", "routing.calibration_windows=16"],
-            "ensemble": ["train.steps=30"],
+            "router-tuning": ["train.steps=40"],
+            "routing-g1": ["train.steps=40", "routing.calibration_windows=16"],
+            "ensemble": ["train.steps=40"],
         }),
 }
 
