@@ -37,6 +37,17 @@ def routing(name: str, gate: str, aux: list[str], about: str, group: str = FRONT
                              "routing": {"gate": gate, "aux": aux, **options}}, group, about)
 
 
+# Self-speculative decoding keeps the full model's output: both lists time it at its own setting.
+SELF_SPEC = [
+    Arm("self-spec-skip", "fit", {"method": "self-spec", "self-spec": {"drafter": "skip"}},
+        OWN, "self-speculative decoding, lossless: drafted by the model less a searched set "
+        "of layers (nothing trains), verified by the full model over one KV cache"),
+    Arm("self-spec-exit", "fit", {"method": "self-spec", "self-spec": {"drafter": "exit"}},
+        OWN, "self-speculative decoding, lossless: drafted by the first layers and an adapter "
+        "distilled to the full model (Kangaroo), verified by the full model"),
+]
+
+
 # Each entry is trained on the shared backbone by `adadepth fit` with its config, as the YAML
 # of that command would hold it. Its group says how it is measured: along its knob (FRONTIER),
 # or at its own setting only (OWN: it does not trade quality for compute).
@@ -76,12 +87,7 @@ ENTRIES: list[Arm] = [
     Arm("layerskip-spec", "fit", {"method": "layerskip"}, OWN,
         "LayerSkip's self-speculative decoding: the full model's output, drafted by "
         "the first quarter of the blocks (speed only; FLOPs at or above dense)"),
-    Arm("self-spec-skip", "fit", {"method": "self-spec", "self-spec": {"drafter": "skip"}},
-        OWN, "self-speculative decoding, lossless: drafted by the model less a searched set "
-        "of layers (nothing trains), verified by the full model over one KV cache"),
-    Arm("self-spec-exit", "fit", {"method": "self-spec", "self-spec": {"drafter": "exit"}},
-        OWN, "self-speculative decoding, lossless: drafted by the first layers and an adapter "
-        "distilled to the full model (Kangaroo), verified by the full model"),
+    *SELF_SPEC,
     Arm("ponder", "fit", {"method": "ponder",
                           "ponder": {"tau": 0.05, "ce_steps": 40, "k_warmup_steps": 60,
                                      "gates_only_steps": 30},
@@ -114,12 +120,7 @@ PRETRAINED_ENTRIES: list[Arm] = [
         "(exit norms are copies of the final norm, untrained), states copied upward; the "
         "threshold set by CALM's consistency calibration (Learn-then-Test on greedy "
         "continuations: agreement 0.9 with probability 0.95); the knob is the threshold"),
-    Arm("self-spec-skip", "fit", {"method": "self-spec", "self-spec": {"drafter": "skip"}},
-        OWN, "self-speculative decoding, lossless: drafted by the model less a searched set "
-        "of layers (nothing trains), verified by the full model over one KV cache"),
-    Arm("self-spec-exit", "fit", {"method": "self-spec", "self-spec": {"drafter": "exit"}},
-        OWN, "self-speculative decoding, lossless: drafted by the first layers and an adapter "
-        "distilled to the full model (Kangaroo), verified by the full model"),
+    *SELF_SPEC,
     Arm("router-tuning", "fit", {"method": "router-tuning", "router-tuning": {"capacity": 0.5}},
         FRONTIER, "Router-Tuning (MindSkip): routers trained alone on the frozen backbone let "
         "tokens skip the attention of the deeper half of the layers (trained at capacity 0.5), "
