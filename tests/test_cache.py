@@ -55,6 +55,18 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def random_routers(model, seed: int):
+    """A capacity-routed model (Mixture-of-Depths, Router-Tuning) with random router weights,
+    its thresholds calibrated to its capacity unless it deploys the paper's fixed rule."""
+    gen = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for router in model.routers:
+            router.linear.weight.copy_(torch.randn(router.linear.weight.shape, generator=gen))
+    if model.options.threshold == "calibrated" and model.capacity < 1:
+        model.calibrate(tokens(16, 24, seed=seed + 5))
+    return model
+
+
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 

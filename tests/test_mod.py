@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from causality import assert_causal, assert_decodable, assert_round_trip, fed_in_steps
-from test_cache import BACKBONES, V, backbone, close, tokens
+from test_cache import BACKBONES, V, backbone, close, random_routers, tokens
 from test_cli import assert_user_error, serve
 
 import adadepth
@@ -28,14 +28,7 @@ from adadepth.runs import load_run
 
 def mod_model(name: str = "ours", seed: int = 0, **options) -> MixtureOfDepths:
     """A MoD model over a test backbone with random routers and predictors, calibrated."""
-    model = MixtureOfDepths(backbone(name, seed), MoDConfig(**options)).eval()
-    gen = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for router in model.routers:
-            router.linear.weight.copy_(torch.randn(router.linear.weight.shape, generator=gen))
-    if model.options.threshold == "calibrated" and model.capacity < 1:
-        model.calibrate(tokens(16, 24, seed=seed + 5))
-    return model
+    return random_routers(MixtureOfDepths(backbone(name, seed), MoDConfig(**options)).eval(), seed)
 
 
 def run_masks(model: MixtureOfDepths, idx, cache=None, start: int = 0, **call):

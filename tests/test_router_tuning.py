@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from causality import assert_causal, assert_decodable, assert_round_trip, fed_in_steps
-from test_cache import V, backbone, close, tokens
+from test_cache import V, backbone, close, random_routers, tokens
 from test_cli import assert_user_error, serve
 
 import adadepth
@@ -31,13 +31,7 @@ SPLIT = ["ours", "llama", "gemma3"]  # the families whose layers split into sub-
 def rt_model(name: str = "ours", seed: int = 0, **options) -> RouterTuning:
     """A Router-Tuning model over a test backbone with random routers, calibrated."""
     model = RouterTuning(backbone(name, seed), RouterTuningConfig(**options)).eval()
-    gen = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for router in model.routers:
-            router.linear.weight.copy_(torch.randn(router.linear.weight.shape, generator=gen))
-    if model.options.threshold == "calibrated" and model.capacity < 1:
-        model.calibrate(tokens(16, 24, seed=seed + 5))
-    return model
+    return random_routers(model, seed)
 
 
 def attend_masks(model: RouterTuning, idx, cache=None, start: int = 0, **call):
