@@ -59,23 +59,30 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory, chars: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path) -> Path:
-    """A tiny random Llama saved as a transformers directory with the GPT-2 tokenizer.
-
-    Treat it as read-only, as a user's model folder is.
-    """
+def tiny_llama():
+    """A tiny random transformers Llama (4 layers, width 32, seed 0) and the GPT-2 tokenizer
+    (50,257 tokens) it is sized for."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adadepth.data import build_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = build_tokenizer("gpt2", None).hf
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, adadepth_cache: Path) -> Path:
+    """A tiny random Llama saved as a transformers directory with the GPT-2 tokenizer.
+
+    Treat it as read-only, as a user's model folder is.
+    """
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_llama()
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out

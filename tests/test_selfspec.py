@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 from test_cli import assert_user_error
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -389,14 +390,7 @@ def test_from_pretrained_and_save_pretrained_keep_the_draft(tmp_path: Path) -> N
 def llama_dir(folder: Path) -> Path:
     """A tiny random Llama with the GPT-2 tokenizer (50,257 tokens), saved as a transformers
     directory; layer 2 barely moves the residual, so a search should find it."""
-    from adadepth.data import build_tokenizer
-
-    tok = build_tokenizer("gpt2", None).hf
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    hf, tok = tiny_llama()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(RESIDUAL):
