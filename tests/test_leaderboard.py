@@ -167,14 +167,15 @@ def test_the_smollm2_plan_adapts_the_packaged_backbone_and_never_trains_one(
         packaged: Path, tmp_path: Path) -> None:
     """Every entry of the pretrained list (no ponder, no routing floor) over the packaged
     backbone as it ships, tuned on smol-mix; training-free entries train nothing; each entry's
-    sizes are the preset's; nothing pretrains, and the tiny preset keeps its own entries."""
-    study = leaderboard.Leaderboard(StudyOptions(preset="smollm2", seeds=1,
-                                                 show_progress=False))
+    sizes are the preset's; one seed unless --seeds is given; nothing pretrains, and the tiny
+    preset keeps its own entries and three seeds."""
+    study = leaderboard.Leaderboard(StudyOptions(preset="smollm2", show_progress=False))
     out = tmp_path / "lb"
     study.prepare(out)
     assert study.backbone == packaged and not (out / "backbone").exists()
-    runs = {r.arm.name: r for r in study.plan(out, {})}
-    assert list(runs) == PRETRAINED
+    plan = study.plan(out, {})
+    runs = {r.arm.name: r for r in plan}
+    assert list(runs) == PRETRAINED and len(plan) == len(PRETRAINED)  # one seed by default
     preset = leaderboard.PRESETS["smollm2"]
     for name, r in runs.items():
         assert r.config["backbone"] == str(packaged), name
@@ -194,8 +195,10 @@ def test_the_smollm2_plan_adapts_the_packaged_backbone_and_never_trains_one(
     assert routing["regime"] == "controller-only" and routing["cheap"] == "auto"
     assert routing["oracle_layers"] is None and routing["aux"] == ["util", "rank"]
     assert study.record()["backbone_recipe"] == {"packaged": "smollm2-135m"}
-    tiny = leaderboard.Leaderboard(StudyOptions(preset="tiny", seeds=1, show_progress=False))
+    assert leaderboard.Leaderboard(StudyOptions(preset="smollm2", seeds=2)).seeds == 2
+    tiny = leaderboard.Leaderboard(StudyOptions(preset="tiny", show_progress=False))
     assert [e.name for e in tiny.entries] == [e.name for e in leaderboard.ENTRIES]
+    assert tiny.seeds == 3
     assert "entries" not in leaderboard.PRESETS["tiny"].record()  # old folders still resume
 
 

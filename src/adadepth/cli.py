@@ -404,7 +404,8 @@ def build_parser() -> Parser:
     p.add_argument("name", nargs="?", default="aux-losses",
                    help="aux-losses (default), ensemble, leaderboard or ponder")
     p.add_argument("--preset", default="tiny", help="tiny (default), small or paper")
-    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--seeds", type=positive_int,
+                   help="seeds per arm (default: 3; 1 for the smollm2 presets, sized for a CPU)")
     p.add_argument("--steps", type=positive_int, help="training steps per run (aux-losses: "
                    "controller; ensemble: tuning; ponder: every arm)")
     p.add_argument("--ablations", action="store_true",

@@ -147,11 +147,11 @@ class AuxLosses(Study):
     def plan(self, out: Path, done: shape.Done) -> list[shape.Run]:
         base = base_config(self.recipe, self.backbone, self.options.device)
         arms = arms_of(self.options.ablations)
-        runs = [run_of(a, seed, out / "runs", base) for seed in range(self.options.seeds)
+        runs = [run_of(a, seed, out / "runs", base) for seed in range(self.seeds)
                 for a in arms]
         # Random routing matched to each learned arm's FLOPs waits for that arm (its realised
         # FLOPs) and for all-cheap of the same seed.
-        for seed in range(self.options.seeds):
+        for seed in range(self.seeds):
             seed_done = {r.arm.name: done[r.folder] for r in runs
                          if r.seed == seed and r.folder in done}
             runs += [run_of(a, seed, out / "runs", base)
@@ -160,7 +160,7 @@ class AuxLosses(Study):
 
     def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
         o = self.options
-        return {"preset": o.preset, "seeds": o.seeds, "steps": self.recipe.controller_steps,
+        return {"preset": o.preset, "seeds": self.seeds, "steps": self.recipe.controller_steps,
                 "ablations": o.ablations, "recipe": self.record(),
                 "backbone": backbone_summary(self.recipe, o.preset, self.backbone),
                 "costs": routing_costs(finished),

@@ -14,7 +14,7 @@ Presets:
   the comedies are largely prose, with their own cast and wit, where the others are mostly
   verse of war and state; both install offline with the package.
 - `smollm2`: SmolLM2-135M (the packaged backbone, pretrained on web text, code and maths)
-  tuned on Shakespeare's plays (one seed, `--seeds 1`, is what a CPU affords).
+  tuned on Shakespeare's plays (one seed by default: what a CPU affords).
 
 `--ablations` adds the ensemble arms without the distillation term (lambda_distill 0).
 """
@@ -72,7 +72,7 @@ RECIPES = {
                        eval_batches=20, model={"n_layers": 6},
                        lr={"ensemble": 3e-3, "lora": 3e-3, "ensemble+lora": 3e-3, "full": 1e-3},
                        threads=1),  # a second thread gains nothing at this width, and contends
-    # SmolLM2-135M on a CPU: a few steps per arm (run it with --seeds 1 on a CPU).
+    # SmolLM2-135M on a CPU: a few steps per arm, one seed unless --seeds says otherwise.
     "smollm2": TuneRecipe("", "shakespeare", "", block_size=64, batch_size=4, backbone_steps=0,
                           tune_steps=12, eval_batches=4, backbone="smollm2-135m",
                           lr={"ensemble": 3e-3, "lora": 1e-3, "ensemble+lora": 1e-3,
@@ -112,6 +112,7 @@ def before_tuning(backbone: Path, recipe: TuneRecipe, device: str) -> dict[str, 
 class Ensemble(Study):
     name = "ensemble"
     takes = frozenset({"steps", "ablations"})
+    preset_seeds = {"smollm2": 1}
 
     def __init__(self, options: shape.StudyOptions) -> None:
         super().__init__(options)
@@ -135,11 +136,11 @@ class Ensemble(Study):
         arms = ARMS + (ABLATIONS if self.options.ablations else [])
         return [run_of(a, seed, out / "runs", base_config(
                     self.recipe, a.config["method"], self.backbone, self.options.device))
-                for seed in range(self.options.seeds) for a in arms]
+                for seed in range(self.seeds) for a in arms]
 
     def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
         recipe, bb = self.recipe, self.backbone
-        return {"preset": self.options.preset, "seeds": self.options.seeds,
+        return {"preset": self.options.preset, "seeds": self.seeds,
                 "steps": recipe.tune_steps, "recipe": recipe.record(),
                 "backbone": {"path": recipe.backbone or str(bb.relative_to(out)),
                              "val_loss_own_corpus": backbone_val_loss(bb)},

@@ -280,6 +280,7 @@ def budget_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
 class Leaderboard(Study):
     name = "leaderboard"
     takes = frozenset({"methods", "budgets"})
+    preset_seeds = {"smollm2": 1}  # sized for one seed within 2 hours on 2 cores
 
     def __init__(self, options: shape.StudyOptions) -> None:
         super().__init__(options)
@@ -313,7 +314,7 @@ class Leaderboard(Study):
         from adadepth.config import apply_overrides
 
         runs = []
-        for seed in range(self.options.seeds):
+        for seed in range(self.seeds):
             for entry in [*self.entries, *([FLOOR_ENTRY] if self.recipe.floor else [])]:
                 run = run_of(entry, seed, out / "runs", base_config(
                     entry, self.backbone, self.recipe, str(self.device)))
@@ -339,7 +340,7 @@ class Leaderboard(Study):
                                 "training_flops", "wall_s", "trainable_parameters", "steps")},
                             "budget": budget_of(metrics)})
         dense = {k: v for k, v in dense.items() if k != "predictions"}
-        return {"preset": self.options.preset, "seeds": self.options.seeds,
+        return {"preset": self.options.preset, "seeds": self.seeds,
                 "budgets": self.budgets, "frontier_settings": self.recipe.frontier,
                 "backbone": self.backbone_record(),
                 "about": {e.name: e.about for e in [*self.entries, FLOOR_ENTRY]

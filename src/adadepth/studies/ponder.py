@@ -189,7 +189,7 @@ class Ponder(Study):
                                                  o.show_progress) for t in self.recipe.tracks}
 
     def plan(self, out: Path, done: shape.Done) -> list[shape.Run]:
-        recipe, seeds = self.recipe, range(self.options.seeds)
+        recipe, seeds = self.recipe, range(self.seeds)
         runs = []
         for track in recipe.tracks:
             folder = out / "runs" / track.name
@@ -209,7 +209,7 @@ class Ponder(Study):
         return runs
 
     def results(self, out: Path, finished: shape.Finished) -> dict[str, Any]:
-        recipe, seeds = self.recipe, range(self.options.seeds)
+        recipe, seeds = self.recipe, range(self.seeds)
         analyses, benches = {}, {}
         for track in recipe.tracks:
             folder = out / "runs" / track.name
@@ -223,7 +223,7 @@ class Ponder(Study):
             if not (bench_dir / "bench.json").is_file():  # bench_run writes it, and its plot
                 bench_run(folder / "AdaPonderLM-seed0", recipe, bench_dir)
             benches[track.name] = json.loads((bench_dir / "bench.json").read_text())
-        return {"preset": self.options.preset, "seeds": self.options.seeds,
+        return {"preset": self.options.preset, "seeds": self.seeds,
                 "tracks": [{"name": t.name, "backbone": t.backbone, "preset": t.preset,
                             "model": t.model, "steps": t.steps,
                             "pretrain_steps": t.pretrain_steps,

@@ -96,7 +96,7 @@ class StudyOptions:
     study reads; the rest only the studies whose `takes` names them."""
 
     preset: str = "tiny"
-    seeds: int = 3
+    seeds: int | None = None  # None: the study's count for the preset (Study.seeds)
     out: Path | None = None  # default runs/study-NAME
     device: str = "auto"
     workers: int | None = None  # runs at a time in worker processes; None: the study's own
@@ -114,6 +114,7 @@ class StudyOptions:
         return getattr(self, option) != default
 
 
+DEFAULT_SEEDS = 3
 COMMON = frozenset({"preset", "seeds", "out", "device", "workers", "report_only",
                     "show_progress"})
 
@@ -124,10 +125,18 @@ class Study:
 
     name: ClassVar[str]
     takes: ClassVar[frozenset[str]] = frozenset()  # options beyond COMMON
+    # Seeds when --seeds is not given: 3, or fewer for a preset sized for one seed on a CPU.
+    preset_seeds: ClassVar[Mapping[str, int]] = {}
     recipe: Recipe
 
     def __init__(self, options: StudyOptions) -> None:
         self.options = options
+
+    @property
+    def seeds(self) -> int:
+        if self.options.seeds is not None:
+            return self.options.seeds
+        return self.preset_seeds.get(self.options.preset, DEFAULT_SEEDS)
 
     def record(self) -> dict[str, Any]:
         """What must agree for a study folder to be resumed."""
