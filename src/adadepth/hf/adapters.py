@@ -3,7 +3,8 @@
 The adapter calls the loaded model's own modules: its embedding, its decoder layers (fed the
 masks of transformers' mask utilities and its own rotary tables, as its `forward` does), its
 final norm and LM head. Families differ only in where those modules live and in the keyword a
-decoder layer takes its cache under; `FAMILIES` records that. Each decoder layer's MLP module is
+decoder layer takes its cache under (read from its signature: transformers has renamed it twice);
+`FAMILIES` records the rest. Each decoder layer's MLP module is
 the FFN that routing replaces (`get_ffn`/`set_ffn`): it is called on the already normalised
 input, as our own blocks' FFNs are (GPT-NeoX's parallel residual and Gemma 3's post-FFN norm stay
 inside the layer's own forward). For Llama and Gemma 3 the adapter also runs a layer's attention
@@ -20,7 +21,9 @@ computes only a layer's K/V by giving the layer a view that stops it once they a
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -42,7 +45,6 @@ class Family:
     layers: str
     embed: str
     final_norm: str
-    cache_arg: str = "past_key_values"  # keyword under which a decoder layer takes the cache
     positions: str | None = None  # learned absolute position table (GPT-2)
     dropout: str | None = None  # dropout after the embedding
     rope: Literal["none", "shared", "per_type"] = "shared"
@@ -59,7 +61,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT-2", "transformer", "h", "wte", "ln_f", positions="wpe", dropout="drop",
                    rope="none"),
     "gpt_neox": Family("GPT-NeoX (Pythia)", "gpt_neox", "layers", "embed_in", "final_layer_norm",
-                       cache_arg="layer_past", dropout="emb_dropout"),
+                       dropout="emb_dropout"),
     "gemma3_text": Family("Gemma 3", "model", "layers", "embed_tokens", "norm", rope="per_type",
                           sublayers="sandwich"),
 }
@@ -117,6 +119,19 @@ class HFModelConfig:
                    n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or d // heads, d_ff=d_ff,
                    max_seq_len=config.max_position_embeddings)
+
+
+# Newest first: transformers 5 names it `cache` (the older names warn, then go), 4.x
+# `past_key_values` or `past_key_value`, GPT-NeoX `layer_past`.
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@functools.cache
+def cache_keyword(module_class: type[nn.Module]) -> str:
+    """The keyword under which a decoder layer or attention module of this class takes its
+    cache, read from its forward's signature."""
+    taken = inspect.signature(module_class.forward).parameters
+    return next((k for k in CACHE_KEYWORDS if k in taken), "past_key_values")
 
 
 class _KVWritten(Exception):
@@ -261,22 +276,25 @@ class HFAdapter(nn.Module):
                 ~mask, torch.finfo(x.dtype).min)
         return mask
 
-    def _attention_kwargs(self, layer: int, x: Tensor, ctx: Context) -> dict[str, Any]:
-        """What a decoder layer (or its attention) is called with: the mask, the positions,
-        the cache view and the rotary tables of the call. Marks the cache slots it writes."""
+    def _attention_kwargs(self, module: nn.Module, layer: int, x: Tensor, ctx: Context,
+                          ) -> dict[str, Any]:
+        """What `module`, a decoder layer or its attention, is called with: the mask, the
+        positions, the cache view and the rotary tables of the call. Marks the cache slots it
+        writes."""
         view, n, slot = None, x.shape[1], ctx.kv_offset + layer
         if ctx.cache is not None:
             n = ctx.cache.mark(slot, ctx)
             view = _LayerCache(ctx.cache, ctx, slot)
         kwargs: dict[str, Any] = {"attention_mask": self._mask(ctx, layer, n, x),
-                                  "position_ids": ctx.positions, self.family.cache_arg: view}
+                                  "position_ids": ctx.positions,
+                                  cache_keyword(type(module)): view}
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
         return kwargs
 
     def run_layer(self, layer: int, x: Tensor, ctx: Context) -> Tensor:
-        kwargs = self._attention_kwargs(layer, x, ctx)
+        kwargs = self._attention_kwargs(self.layers[layer], layer, x, ctx)
         token = _CURRENT.set(ctx)  # for a context-taking FFN behind its shim
         try:
             out = self.layers[layer](x, **kwargs)
@@ -296,7 +314,7 @@ class HFAdapter(nn.Module):
         the order its forward calls them; `run_ffn` of the result is `run_layer`, exactly."""
         mod = self._split(layer)
         out = mod.self_attn(hidden_states=mod.input_layernorm(x),
-                            **self._attention_kwargs(layer, x, ctx))
+                            **self._attention_kwargs(mod.self_attn, layer, x, ctx))
         out = out[0] if isinstance(out, tuple) else out
         if self.family.sublayers == "sandwich":
             out = mod.post_attention_layernorm(out)
@@ -323,7 +341,8 @@ class HFAdapter(nn.Module):
         slot = ctx.kv_offset + layer
         ctx.cache.mark(slot, ctx)
         kwargs: dict[str, Any] = {"attention_mask": None, "position_ids": ctx.positions,
-                                  self.family.cache_arg: _LayerCache(ctx.cache, ctx, slot, True)}
+                                  cache_keyword(type(self.layers[layer])):
+                                      _LayerCache(ctx.cache, ctx, slot, True)}
         rope = self._rope(x, ctx, layer)
         if rope is not None:
             kwargs["position_embeddings"] = rope
