@@ -236,3 +236,9 @@ def test_the_adaptation_budget_and_agreement_reach_results_and_report(
     assert "## What adapting each method cost" in report and "0 (training-free)" in report
     assert "greedy agreement with dense" in report and "## Out of domain" in report
     assert "as it ships (no pretraining" in report
+    papers = report.split("## Beside the papers' figures")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in papers.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"method", "static-skip", "early-exit", "layerskip-exit"}
+    assert "ShortGPT" in rows["static-skip"] and "training-free" in rows["static-skip"]
+    assert f"{2 * toy.batch_size * 40:,} tokens" in rows["layerskip-exit"]

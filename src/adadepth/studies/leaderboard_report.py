@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from adadepth.depthmap import DepthText, png
+from adadepth.studies.leaderboard_papers import adaptation, papers_table, speed_within
 from adadepth.studies.plots import plt, save_figure
 from adadepth.studies.protocol import RULE, Point, at_quality, verdict
 from adadepth.train.checkpoint import write_text_atomic
@@ -233,15 +234,9 @@ def reading(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
             if runs[0]["group"] == "floor" or name in results.get("speed_references", {}):
                 continue
             for phase in ("decode_b1", "decode_b8"):
-                speeds = []
-                for run in runs:
-                    pts = [Point(p["setting"], p["val_loss"], s) for p in run["points"]
-                           if p["setting"] is not None and (s := speed_of(p, phase))]
-                    speeds.append(at_quality(pts, dense, tolerance).speed)
-                if all(s is not None for s in speeds) and speeds:
-                    value = statistics.fmean(speeds)
-                    if best is None or value > best[0]:
-                        best = (value, name, phase)
+                value = speed_within(runs, dense, phase, tolerance)
+                if value is not None and (best is None or value > best[0]):
+                    best = (value, name, phase)
         if best is None:
             out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss no method's "
                        "measured frontier reaches: none offers a speedup there.")
@@ -252,7 +247,8 @@ def reading(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
         else:
             out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss, the highest "
                        f"measured decode speedup is **{best[0]:.2f}x** ({best[1]}, "
-                       f"{SPEED_NAMES[best[2]]}).")
+                       f"{SPEED_NAMES[best[2]]}; adapted with "
+                       f"{adaptation(entries[best[1]])}).")
     if costly:
         out.append(f"- At its trained setting, the compute added exceeds the compute removed "
                    f"for: {', '.join(costly)} (see the FLOPs table): they cost more than the "
@@ -380,6 +376,14 @@ def write(results: dict[str, Any], out: Path) -> None:
         "## Reading",
         "",
         *reading(results, entries, costly),
+        "",
+        "## Beside the papers' figures",
+        "",
+        "Each paper's headline figure, on its own models, tasks and hardware, after its own "
+        "adaptation; beside it, what the same method reached here within +1 % of the dense "
+        "model's loss, and what adapting it cost here.",
+        "",
+        *papers_table(results, entries, TOLERANCES[0]),
         "",
         "## Each method's frontier",
         "",
