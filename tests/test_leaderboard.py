@@ -19,6 +19,7 @@ from adadepth.depth.routing import RoutedModel, RoutingConfig
 from adadepth.eval import decode_eval
 from adadepth.model import Transformer
 from adadepth.studies import leaderboard, recipes
+from adadepth.studies.leaderboard_report import anchors
 from adadepth.studies.runner import run
 from adadepth.studies.shape import StudyOptions
 
@@ -240,5 +241,20 @@ def test_the_adaptation_budget_and_agreement_reach_results_and_report(
     rows = {line.split(" | ")[0].strip("| "): line for line in papers.splitlines()
             if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"method", "static-skip", "early-exit", "layerskip-exit"}
-    assert "ShortGPT" in rows["static-skip"] and "training-free" in rows["static-skip"]
-    assert f"{2 * toy.batch_size * 40:,} tokens" in rows["layerskip-exit"]
+    assert "ShortGPT" in rows["static-skip"] and "no training" in rows["static-skip"]
+    assert f"{2 * toy.batch_size * 40:,} training tokens" in rows["layerskip-exit"]
+
+
+def test_a_reading_names_the_point_it_leans_on_and_calls_an_unchanged_one_noise() -> None:
+    """Interpolated toward a point that removes nothing, the reading says that point's own
+    speed is timing noise; a reading at a point that removes compute needs no such word."""
+    def point(setting: float, loss: float, speed: float, removed: float) -> dict:
+        return {"setting": setting, "val_loss": loss, "breakdown": {"layers skipped": removed},
+                "speed": {"decode_b1": {"measured_speedup": speed}}}
+
+    frontier = [{"points": [point(0.5, 2.2, 1.5, -0.3), point(1.0, 2.0, 1.02, 0.0)]}]
+    said = anchors(frontier, 2.0, "decode_b1", 0.01)
+    assert "interpolated from setting 1 at +0.0% loss, measured 1.02x" in said
+    assert "timing noise" in said
+    within = [{"points": [point(0.5, 2.01, 1.5, -0.3), point(1.0, 2.0, 1.02, 0.0)]}]
+    assert anchors(within, 2.0, "decode_b1", 0.01) == ""  # a measured point that saves compute

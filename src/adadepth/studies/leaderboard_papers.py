@@ -100,8 +100,9 @@ def adaptation(runs: list[dict[str, Any]]) -> str:
         return f"{statistics.fmean(r.get('steps') or 0 for r in runs):.0f} steps"
     tokens = statistics.fmean(b["training_tokens"] for b in budgets)
     seconds = statistics.fmean(b["training_s"] + b["calibration_s"] for b in budgets)
-    trained = "training-free" if not tokens else f"{tokens:,.0f} tokens"
-    return f"{trained}, {seconds:.0f} s"
+    if not tokens:
+        return f"no training, {seconds:.0f} s of calibration or search"
+    return f"{tokens:,.0f} training tokens, {seconds:.0f} s in all"
 
 
 def papers_table(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
@@ -109,7 +110,7 @@ def papers_table(results: dict[str, Any], entries: dict[str, list[dict[str, Any]
     dense = results["dense"]["val_loss"]
     bound = f"{100 * tolerance:+g}%"
     out = [f"| method | paper | its setting | its figure | here: decode b1 / b8 at ≤ {bound} "
-           "| here: adapted with |", "|---|---|---|---|---|---|"]
+           "| here: cost to adapt |", "|---|---|---|---|---|---|"]
     for name, runs in entries.items():
         paper = PUBLISHED.get(name)
         if paper is None or runs[0]["group"] == "floor":

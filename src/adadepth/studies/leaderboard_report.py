@@ -247,8 +247,9 @@ def reading(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
         else:
             out.append(f"- Within {100 * tolerance:+g}% of the dense model's loss, the highest "
                        f"measured decode speedup is **{best[0]:.2f}x** ({best[1]}, "
-                       f"{SPEED_NAMES[best[2]]}; adapted with "
-                       f"{adaptation(entries[best[1]])}).")
+                       f"{SPEED_NAMES[best[2]]}; cost to adapt: "
+                       f"{adaptation(entries[best[1]])}"
+                       f"{anchors(entries[best[1]], dense, best[2], tolerance)}).")
     if costly:
         out.append(f"- At its trained setting, the compute added exceeds the compute removed "
                    f"for: {', '.join(costly)} (see the FLOPs table): they cost more than the "
@@ -263,6 +264,33 @@ def reading(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
     if len(pair) == 2:
         out += cheap_paths(entries, dense)
     return out
+
+
+def anchors(runs: list[dict[str, Any]], dense: float, phase: str, tolerance: float) -> str:
+    """What a reading leans on: the frontier's point within the bound, with what it measured
+    by itself (seed by seed) where the reading is interpolated; a point that changes no
+    compute (the method at its dense end) measures only timing noise, and is said to."""
+    leaned: dict[tuple[str, float, bool], list[Point]] = defaultdict(list)
+    for run in runs:
+        by_setting = {p["setting"]: p for p in run["points"] if p["setting"] is not None}
+        points = [Point(s, p["val_loss"], v) for s, p in by_setting.items()
+                  if (v := speed_of(p, phase))]
+        read = at_quality(points, dense, tolerance)
+        for a in read.points:
+            if a.loss <= dense * (1 + tolerance):
+                changed = any(by_setting[a.setting].get("breakdown", {}).values())
+                leaned[read.how, a.setting, changed].append(a)
+    cells = []
+    for (how, setting, changed), points in leaned.items():
+        noise = "" if changed else ", which changes no compute: timing noise"
+        if how == "interpolated":
+            loss = ", ".join(sorted({f"{100 * (a.loss / dense - 1):+.1f}%" for a in points}))
+            speeds = ", ".join(f"{a.speed:.2f}x" for a in points)
+            cells.append(f"interpolated from setting {setting:g} at {loss} loss, measured "
+                         f"{speeds}{noise}")
+        elif noise:
+            cells.append(f"measured at setting {setting:g}{noise}")
+    return f"; {'; '.join(cells)}" if cells else ""
 
 
 def cheap_paths(entries: dict[str, list[dict[str, Any]]], dense: float) -> list[str]:
@@ -291,6 +319,7 @@ def plots(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
           out: Path) -> list[str]:
     dense = results["dense"]["val_loss"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    losses = [0.0]  # the plotted losses over dense, in %
     for n, (name, runs) in enumerate(entries.items()):
         if runs[0]["group"] == "floor":
             continue
@@ -304,6 +333,7 @@ def plots(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
                 continue
             ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], "-o", color=colour, ms=3,
                     label=name, lw=1)
+            losses += [y for _, y, _ in xy]
             for x, y, p in xy:
                 if p.get("trained"):
                     ax.plot([x], [y], "*", color=colour, ms=13, mec="k")
@@ -311,8 +341,16 @@ def plots(results: dict[str, Any], entries: dict[str, list[dict[str, Any]]],
         ax.axvline(1.0, color="grey", lw=0.8)
         for t in TOLERANCES:
             ax.axhline(100 * t, color="grey", ls=":", lw=0.8)
+        # Linear within a few percent of dense (the bounds that matter), logarithmic beyond:
+        # one untrained exit at +500 % would otherwise flatten every other frontier.
+        ax.set_yscale("symlog", linthresh=5, linscale=3)
+        low, high = min(-1.0, 1.3 * min(losses)), max(6.0, 1.3 * max(losses))
+        ax.set_ylim(low, high)
+        ticks = [t for t in (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200, 500,
+                             1000, 2000) if low <= t <= high]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
         ax.set(xlabel=f"measured speedup over the dense backbone, {phase}",
-               ylabel="validation loss over dense (%)",
+               ylabel="validation loss over dense (%, log beyond ±5)",
                title=f"each method's frontier (star: its trained setting), {phase}")
     axes[0].legend(fontsize=7)
     files = [save_figure(fig, out / "quality_vs_speed.png")]
