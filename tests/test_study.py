@@ -227,6 +227,7 @@ KEPT = Path(__file__).resolve().parents[1] / "docs" / "studies"
     ("ensemble", "ensemble-tiny", None),
     ("ponder", "ponder-tiny", None),
     ("leaderboard", "leaderboard-tiny", None),
+    ("leaderboard", "leaderboard-smollm2", None),
 ])
 def test_report_only_rewrites_a_kept_report_unchanged(name: str, kept: str, compare: str | None,
                                                       tmp_path: Path, monkeypatch) -> None:
