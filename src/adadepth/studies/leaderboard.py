@@ -217,8 +217,8 @@ PRESETS = {
                                "self-spec.search_len=64", "self-spec.timed_prompts=1",
                                "self-spec.timed_tokens=16", "self-spec.finalists=2"],
             # The two methods that train only small modules on the frozen backbone get the
-            # time the 2 hours leave (about 4 s a step each here); LayerSkip's fine-tune
-            # trains the whole model (8 s a step) and stays short.
+            # time the 2 hours leave (1.4 and 2.8 s a step measured here); LayerSkip's
+            # fine-tune trains the whole model (8.5 s a step) and stays short.
             "router-tuning": ["train.steps=200"],
             "routing-g1": ["train.steps=200", "routing.calibration_windows=16"],
             "ensemble": ["train.steps=40"],
