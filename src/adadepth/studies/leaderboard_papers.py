@@ -2,7 +2,8 @@
 
 The papers measured other models, tasks and hardware, and most adapted far longer than a CPU
 study can: the table sets their figure beside ours so that the gap is read, not assumed away.
-Figures are quoted from the papers' abstracts (docs/methods/ cites each paper).
+Figures are quoted from the papers' abstracts (docs/methods/ cites each paper). The per-seed
+reading at a quality bound that the table and the report's reading share lives here too.
 """
 
 from __future__ import annotations
@@ -78,16 +79,21 @@ PUBLISHED: dict[str, Published] = {
 }
 
 
+def speed_of(point: dict[str, Any], phase: str) -> float | None:
+    return point.get("speed", {}).get(phase, {}).get("measured_speedup")
+
+
+def frontier_points(run: dict[str, Any], phase: str) -> list[Point]:
+    """A run's measured points along its knob that were timed in this phase."""
+    return [Point(p["setting"], p["val_loss"], s) for p in run["points"]
+            if p["setting"] is not None and (s := speed_of(p, phase)) is not None]
+
+
 def speed_within(runs: list[dict[str, Any]], dense: float, phase: str,
                  tolerance: float) -> float | None:
     """The mean over seeds of the speed a method's measured points reach within the
     tolerance; None unless every seed reaches it."""
-    speeds = []
-    for run in runs:
-        points = [Point(p["setting"], p["val_loss"], s) for p in run["points"]
-                  if p["setting"] is not None
-                  and (s := p.get("speed", {}).get(phase, {}).get("measured_speedup"))]
-        speeds.append(at_quality(points, dense, tolerance).speed)
+    speeds = [at_quality(frontier_points(run, phase), dense, tolerance).speed for run in runs]
     if not speeds or any(s is None for s in speeds):
         return None
     return statistics.fmean(speeds)

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from adadepth.depthmap import DepthText, png
-from adadepth.studies.leaderboard_papers import adaptation, papers_table, speed_within
+from adadepth.studies.leaderboard_papers import (
+    adaptation,
+    frontier_points,
+    papers_table,
+    speed_of,
+    speed_within,
+)
 from adadepth.studies.plots import plt, save_figure
 from adadepth.studies.protocol import RULE, Point, at_quality, verdict
 from adadepth.train.checkpoint import write_text_atomic
@@ -26,10 +32,6 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.1f}%"
-
-
-def speed_of(point: dict[str, Any], phase: str) -> float | None:
-    return point.get("speed", {}).get(phase, {}).get("measured_speedup")
 
 
 def by_entry(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -54,11 +56,7 @@ def headline(runs: list[dict[str, Any]], dense: float, phase: str,
              tolerance: float) -> str:
     """The speed reached within the tolerance, read per seed from the measured frontier and
     averaged; how it was read (m: a measured point, i: interpolated between two)."""
-    readings = []
-    for run in runs:
-        points = [Point(p["setting"], p["val_loss"], s) for p in run["points"]
-                  if p["setting"] is not None and (s := speed_of(p, phase)) is not None]
-        readings.append(at_quality(points, dense, tolerance))
+    readings = [at_quality(frontier_points(run, phase), dense, tolerance) for run in runs]
     reached = [r for r in readings if r.speed is not None]
     if not reached:
         return "not reached"
@@ -273,9 +271,7 @@ def anchors(runs: list[dict[str, Any]], dense: float, phase: str, tolerance: flo
     leaned: dict[tuple[str, float, bool], list[Point]] = defaultdict(list)
     for run in runs:
         by_setting = {p["setting"]: p for p in run["points"] if p["setting"] is not None}
-        points = [Point(s, p["val_loss"], v) for s, p in by_setting.items()
-                  if (v := speed_of(p, phase))]
-        read = at_quality(points, dense, tolerance)
+        read = at_quality(frontier_points(run, phase), dense, tolerance)
         for a in read.points:
             if a.loss <= dense * (1 + tolerance):
                 changed = any(by_setting[a.setting].get("breakdown", {}).values())
